@@ -1,0 +1,133 @@
+"""Public entry point: ``pbs_attention`` (plan, then attend with Triton or pure torch)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .plan import (PBSPlan, identity_permutation, permute_keys, segment_permutation,
+                   select_blocks)
+from .reference import reference_attention
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_HEAD_DIMS = (32, 64, 128)
+
+
+def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 128,
+                  segment_size: int = 256, threshold: float = 0.9, sink: bool = True,
+                  permute: bool = True, *, density: float | None = None,
+                  scale: float | None = None, return_plan: bool = False,
+                  backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, PBSPlan]:
+    """Causal permuted block-sparse attention.
+
+    Args:
+        q: (B, Hq, N, D); k, v: (B, Hkv, N, D) with Hq a multiple of Hkv (GQA).
+        block_size: tokens per query/key block (b).
+        segment_size: tokens per permutation segment (S), a multiple of ``block_size``.
+        threshold: cumulative block-score mass to keep per query block, in (0, 1].
+        sink: always compute the key block holding token 0.
+        permute: reorder keys inside segments by importance (False: the MeanPooling baseline).
+        density: if given, keep a fixed share of causal blocks per query block instead of
+            ``threshold`` (for controlled comparisons).
+        scale: softmax scale, default 1/sqrt(D).
+        return_plan: also return the :class:`PBSPlan` (permutation, block mask, density).
+        backend: "triton", "torch" (dense masked reference) or "auto" (Triton on CUDA or
+            under ``TRITON_INTERPRET=1``, else torch).
+
+    Returns (B, Hq, N, D) in the original token order and the input dtype.
+    """
+    _validate(q, k, v, block_size, segment_size, threshold, density)
+    backend = _resolve_backend(backend, q)
+    if backend == "triton":
+        _validate_triton(q, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    with torch.no_grad():
+        if permute:
+            key_perm = segment_permutation(q.detach(), k.detach(), block_size, segment_size, scale)
+        else:
+            key_perm = identity_permutation(k)
+    k_perm = permute_keys(k, key_perm)
+    with torch.no_grad():
+        block_mask = select_blocks(q.detach(), k_perm.detach(), key_perm, block_size,
+                                   segment_size, threshold, sink, scale, density)
+    plan = PBSPlan(key_perm, block_mask, block_size, segment_size)
+    out = _attend(q, k, v, k_perm, plan, scale, backend)
+    return (out, plan) if return_plan else out
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBSPlan,
+                           scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention over a given plan (e.g. a fixed block mask for benchmarks); k, v in original
+    order, differentiable in q, k, v."""
+    _validate(q, k, v, plan.block_size, plan.segment_size, 1.0, None)
+    backend = _resolve_backend(backend, q)
+    if backend == "triton":
+        _validate_triton(q, plan.block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _attend(q, k, v, permute_keys(k, plan.key_perm), plan, scale, backend)
+
+
+def _attend(q, k, v, k_perm, plan, scale, backend):
+    if backend == "torch":
+        return reference_attention(q, k, v, plan, scale)
+    from .triton_attention import triton_block_sparse_attention
+    return triton_block_sparse_attention(q, k_perm, permute_keys(v, plan.key_perm), plan, scale)
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return backend
+
+
+def _validate(q, k, v, block_size, segment_size, threshold, density) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, H, N, D), got shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES + (torch.float64,):
+            raise ValueError(f"{name} has unsupported dtype {x.dtype}; use float16, bfloat16 or "
+                             "float32")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    (B, Hq, N, D), (Bk, Hkv, Nk, Dk) = q.shape, k.shape
+    if B != Bk:
+        raise ValueError(f"batch sizes differ: q has {B}, k/v have {Bk}")
+    if N != Nk:
+        raise ValueError(f"sequence lengths differ: q has {N}, k/v have {Nk} (causal "
+                         "self-attention needs q_len == kv_len)")
+    if D != Dk:
+        raise ValueError(f"head dims differ: q has {D}, k/v have {Dk}")
+    if N == 0 or Hq == 0 or Hkv == 0 or B == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(segment_size, int) or segment_size <= 0 or segment_size % block_size:
+        raise ValueError(f"segment_size ({segment_size}) must be a positive multiple of "
+                         f"block_size ({block_size})")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+def _validate_triton(q: torch.Tensor, block_size: int) -> None:
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    if q.shape[-1] not in _TRITON_HEAD_DIMS:
+        raise ValueError(f"the Triton backend supports head dims {_TRITON_HEAD_DIMS}, got "
+                         f"{q.shape[-1]} (use backend='torch')")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise ValueError(f"the Triton backend needs block_size in (16, 32, 64, 128, 256), got "
+                         f"{block_size}")

@@ -1,0 +1,167 @@
+"""Planning for PBS attention: segment-wise key permutation and block selection.
+
+Everything here runs under ``torch.no_grad`` on detached tensors (selection is a constant for
+autograd, like top-k) and works on any device. Memory per head is O(N * D + (N / b)^2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Temporary score tensors of the importance pass are kept under this many bytes.
+_IMPORTANCE_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class PBSPlan:
+    """What PBS attention computes, in a form a reference can check exactly.
+
+    Query ``i`` may attend the key stored at permuted position ``p`` iff
+    ``block_mask[b, h, i // block_size, p // block_size]`` and ``key_perm[b, h // G, p] <= i``.
+    """
+
+    key_perm: torch.Tensor  # int64 (B, Hkv, N): original position of the key at permuted p
+    block_mask: torch.Tensor  # bool (B, Hq, nb, nb): computed (query block, permuted key block)
+    block_size: int
+    segment_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_mask.shape[-1]
+
+    @property
+    def density(self) -> float:
+        """Computed blocks over the blocks dense causal attention computes (syncs the device)."""
+        B, Hq, nb, _ = self.block_mask.shape
+        return self.block_mask.sum().item() / (B * Hq * nb * (nb + 1) / 2)
+
+    def diagonal_segment_mask(self) -> torch.Tensor:
+        """Bool (nb, nb): True where key block j lies in query block i's own segment."""
+        return same_segment(self.num_blocks, self.block_size, self.segment_size,
+                            self.block_mask.device)
+
+    def density_per_head(self) -> torch.Tensor:
+        """Float (B, Hq): computed blocks over causal blocks for each head."""
+        nb = self.num_blocks
+        return self.block_mask.sum((-1, -2)).float() / (nb * (nb + 1) / 2)
+
+
+def same_segment(nb: int, block_size: int, segment_size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    seg = torch.arange(nb, device=device) * block_size // segment_size
+    return seg[:, None] == seg[None, :]
+
+
+def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segment_size: int,
+                        scale: float) -> torch.Tensor:
+    """Key order inside each complete segment, most important key first.
+
+    Importance of a key = softmax attention it gets from the last ``block_size`` queries
+    (no causal mask, over the keys of all complete segments), averaged over those queries and
+    over the G query heads that share its KV head. Returns int64 (B, Hkv, N); the incomplete
+    tail segment (and every N <= segment_size) keeps identity order.
+    """
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    n_complete = (N // segment_size) * segment_size if N > segment_size else 0
+    key_perm = identity_permutation(k)
+    if n_complete == 0:
+        return key_perm
+
+    nq = min(block_size, N)
+    q_last = q[:, :, N - nq:, :].reshape(B, Hkv, G * nq, D)
+    k_seg = k[:, :, :n_complete, :]
+    importance = torch.empty(B, Hkv, n_complete, device=k.device, dtype=torch.float32)
+    heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // (B * G * nq * n_complete * 4))
+    for h0 in range(0, Hkv, heads_per_chunk):
+        h1 = min(Hkv, h0 + heads_per_chunk)
+        scores = torch.matmul(q_last[:, h0:h1].float(), k_seg[:, h0:h1].float().transpose(-1, -2))
+        importance[:, h0:h1] = torch.softmax(scores * scale, dim=-1).mean(dim=-2)
+
+    n_seg = n_complete // segment_size
+    order = torch.argsort(importance.view(B, Hkv, n_seg, segment_size), dim=-1,
+                          descending=True, stable=True)
+    offsets = torch.arange(0, n_complete, segment_size, device=k.device).view(1, 1, n_seg, 1)
+    key_perm[:, :, :n_complete] = (order + offsets).view(B, Hkv, n_complete)
+    return key_perm
+
+
+def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean over blocks of ``block_size`` tokens along dim -2; a short last block is averaged
+    over its real tokens only. (B, H, N, D) -> (B, H, ceil(N / b), D) float32."""
+    B, H, N, D = x.shape
+    nb = math.ceil(N / block_size)
+    pad = nb * block_size - N
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, D)
+    counts = torch.full((nb,), float(block_size), device=x.device)
+    counts[-1] = block_size - pad
+    return xf.sum(dim=-2) / counts[:, None]
+
+
+def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor, block_size: int,
+                  segment_size: int, threshold: float, sink: bool, scale: float,
+                  density: float | None = None) -> torch.Tensor:
+    """Bool block mask (B, Hq, nb, nb) over (query block, permuted key block).
+
+    Off-segment key blocks are ranked by softmax(pooled_q . pooled_k * scale) and kept while
+    the cumulative score of the blocks ranked before them is below ``threshold`` (or, when
+    ``density`` is given, the top ``ceil(density * causal_blocks)`` minus the always-computed
+    ones). The sink block and every key block of the query block's own segment that holds a
+    key at or before the block's last query are always kept.
+    """
+    B, Hq, N, D = q.shape
+    Hkv = k_perm.shape[1]
+    G = Hq // Hkv
+    nb = math.ceil(N / block_size)
+    device = q.device
+
+    pq = block_pool(q, block_size).view(B, Hkv, G * nb, D)
+    pk = block_pool(k_perm, block_size)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)).view(B, Hq, nb, nb) * scale
+
+    diag = same_segment(nb, block_size, segment_size, device)
+    blk = torch.arange(nb, device=device)
+    off_segment = (blk[None, :] < blk[:, None]) & ~diag  # strictly earlier segments
+    scores = scores.masked_fill(~off_segment, float("-inf"))
+
+    if density is None and threshold >= 1.0:
+        keep = off_segment.expand(B, Hq, nb, nb).clone()
+    else:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        if density is None:
+            probs = torch.softmax(sorted_scores, dim=-1).nan_to_num_(0.0)
+            before = torch.cumsum(probs, dim=-1) - probs  # mass of the blocks ranked higher
+            keep_sorted = before < threshold
+        else:
+            causal_blocks = (blk + 1).float()
+            always = (diag & (blk[None, :] <= blk[:, None])).sum(-1).float() + (
+                1.0 if sink else 0.0)
+            budget = (torch.ceil(density * causal_blocks) - always).clamp_(min=0)
+            keep_sorted = blk[None, :].float() < budget[:, None]
+        keep_sorted = keep_sorted & torch.isfinite(sorted_scores)
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+    if sink:
+        keep[..., 0] |= True
+    # Diagonal segment: keep key block j if some key in it precedes the block's last query.
+    min_pos = torch.nn.functional.pad(key_perm, (0, nb * block_size - N), value=N)
+    min_pos = min_pos.view(B, Hkv, nb, block_size).amin(dim=-1)  # (B, Hkv, nb)
+    last_q = torch.clamp(blk * block_size + block_size - 1, max=N - 1)
+    reachable = min_pos[:, :, None, :] <= last_q[None, None, :, None]  # (B, Hkv, nb, nb)
+    reachable = reachable.repeat_interleave(G, dim=1)
+    keep |= diag & reachable
+    return keep
+
+
+def identity_permutation(k: torch.Tensor) -> torch.Tensor:
+    B, Hkv, N, _ = k.shape
+    return torch.arange(N, device=k.device).expand(B, Hkv, N).clone()
+
+
+def permute_keys(x: torch.Tensor, key_perm: torch.Tensor) -> torch.Tensor:
+    """Gather (B, Hkv, N, D) rows into permuted order (differentiable in x)."""
+    return torch.gather(x, 2, key_perm.unsqueeze(-1).expand_as(x))
