@@ -1,0 +1,1 @@
+"""Fine-tuning job: Hydra-configured trainer under DeepSpeed ZeRO."""

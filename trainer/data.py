@@ -1,0 +1,334 @@
+"""Training/eval data: synthetic passkey retrieval, local JSONL, local HF ``datasets`` dirs.
+
+Items are dicts of LongTensors ``input_ids`` and ``labels`` of shape (seq_len,). Labels follow
+the HF convention: aligned with ``input_ids`` (the model shifts), ``-100`` = no loss.
+Passkey items also carry ``answer_mask`` (bool, seq_len): the answer digit positions in labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+IGNORE = -100
+
+
+@dataclass
+class DataConfig:
+    """Structured config of the Hydra ``data`` group."""
+
+    name: str = "passkey"  # passkey | jsonl | hf_disk
+    seq_len: int = 2048
+    path: Optional[str] = None  # jsonl file or HF datasets save_to_disk dir
+    eval_seq_lens: List[int] = field(default_factory=list)  # passkey eval lengths; [] -> [seq_len]
+    eval_samples: int = 32  # passkey eval items per length; 0 disables eval
+    num_keys: int = 1  # passkey: key/value lines hidden in the filler (multi-key retrieval)
+    passkey_digits: int = 5
+    answer_only_loss: bool = False  # passkey: loss on answer only (else also LM loss on filler)
+
+
+# ---------------------------------------------------------------- passkey retrieval
+
+NAMES = (
+    "Anna Ben Carla David Emma Felix Greta Hugo Iris Jonas Kira Liam Mona Nils Olga Paul Quinn "
+    "Rosa Sven Tara Umar Vera Walt Xena Yuri Zoe Alma Boris Cleo Dino Elsa Finn Gina Hans Ida "
+    "Jack Lena Mark Nora Otto"
+).split()
+NOUNS = "grass sky sun sea moon road tree river stone cloud field house door lamp bird fish".split()
+ADJS = "green blue yellow calm bright long tall wide grey white quiet old warm cold dark".split()
+FIXED = ("Here we go.", "There and back again.", "Nothing happens here.", "Time passes slowly.")
+
+
+def _sentence(rng: random.Random) -> str:
+    if rng.random() < 0.2:
+        return rng.choice(FIXED)
+    return f"The {rng.choice(NOUNS)} is {rng.choice(ADJS)}."
+
+
+class PasskeyDataset(Dataset):
+    """Filler text with ``num_keys`` "The pass key for <name> is <digits>." lines at random
+    depths, ending with a question about one name and its answer, exactly ``seq_len`` tokens:
+
+        <bos> filler.. key line.. filler.. \\nWhat is the pass key for <name>? The pass key is <digits><eos>
+
+    Item ``i`` depends only on (seed, split, i).
+    """
+
+    def __init__(self, tokenizer, seq_len: int, seed: int, *, num_keys: int = 1,
+                 digits: int = 5, answer_only_loss: bool = False, length: int = 10**9,
+                 split: str = "train"):
+        if num_keys < 1 or num_keys > len(NAMES):
+            raise ValueError(f"data.num_keys must be in 1..{len(NAMES)}, got {num_keys}")
+        if digits < 1:
+            raise ValueError(f"data.passkey_digits must be >= 1, got {digits}")
+        self.tok, self.seq_len, self.seed, self.split = tokenizer, seq_len, seed, split
+        self.num_keys, self.digits, self.answer_only_loss, self.length = (
+            num_keys, digits, answer_only_loss, length)
+        self._cache: dict[str, list[int]] = {}
+        bos = tokenizer.bos_token_id
+        self._bos = [] if bos is None else [bos]
+        eos = tokenizer.eos_token_id
+        self._eos = [] if eos is None else [eos]
+        longest = max(NAMES, key=len)
+        fixed = (len(self._bos) + len(self._eos) + len(self._ids(self._question(longest)))
+                 + len(self._ids("9" * digits))
+                 + num_keys * len(self._ids(self._key_line(longest, "9" * digits))))
+        if seq_len < fixed + 32:
+            raise ValueError(f"data.seq_len={seq_len} too short for {num_keys} passkey(s); "
+                             f"need at least {fixed + 32}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    @staticmethod
+    def _key_line(name: str, value: str) -> str:
+        return f" The pass key for {name} is {value}. Remember it."
+
+    @staticmethod
+    def _question(name: str) -> str:
+        return f"\nWhat is the pass key for {name}? The pass key is "
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = random.Random(f"{self.split}:{self.seed}:{i}")
+        names = rng.sample(NAMES, self.num_keys)
+        values = ["".join(rng.choice("0123456789") for _ in range(self.digits)) for _ in names]
+        target = rng.randrange(self.num_keys)
+        keys = [self._ids(self._key_line(n, v)) for n, v in zip(names, values)]
+        question = self._ids(self._question(names[target]))
+        answer = self._ids(values[target])
+        budget = (self.seq_len - len(self._bos) - len(question) - len(answer) - len(self._eos)
+                  - sum(map(len, keys)))
+        filler, bounds = self._filler(rng, budget)
+        depths = sorted(rng.choice(bounds) for _ in keys)
+        ids, prev = list(self._bos), 0
+        for d, k in zip(depths, keys):
+            ids += filler[prev:d] + k
+            prev = d
+        ids += filler[prev:] + question
+        start = len(ids)
+        ids += answer + self._eos
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        answer_mask = torch.zeros(self.seq_len, dtype=torch.bool)
+        answer_mask[start:start + len(answer)] = True
+        labels = input_ids.clone()
+        if self.answer_only_loss:
+            labels[:start] = IGNORE
+        return {"input_ids": input_ids, "labels": labels, "answer_mask": answer_mask}
+
+    def _filler(self, rng: random.Random, budget: int) -> tuple[list[int], list[int]]:
+        """Exactly ``budget`` filler tokens from a small per-item sentence pool, plus the
+        sentence boundaries (token offsets) where key lines may go."""
+        pool = [_sentence(rng) for _ in range(rng.randint(3, 8))]
+        ids: list[int] = []
+        bounds = [0]
+        while len(ids) < budget:
+            ids += self._ids(" " + rng.choice(pool))
+            bounds.append(len(ids))
+        return ids[:budget], [b for b in bounds if b <= budget]
+
+
+# ---------------------------------------------------------------- user data
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append((lineno, rec))
+    if not records:
+        raise ValueError(f"{path}: empty dataset (no JSON lines)")
+    return records
+
+
+def _pad(ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    n = seq_len - len(ids)
+    return {"input_ids": torch.tensor(ids + [pad_id] * n, dtype=torch.long),
+            "labels": torch.tensor(labels + [IGNORE] * n, dtype=torch.long)}
+
+
+class TokenChunks(Dataset):
+    """Documents tokenized as [bos] text [eos], concatenated, cut into ``seq_len`` chunks; the
+    last partial chunk is padded (labels -100)."""
+
+    def __init__(self, docs: list[list[int]], seq_len: int, pad_id: int):
+        stream = [t for d in docs for t in d]
+        self.chunks = [stream[s:s + seq_len] for s in range(0, len(stream), seq_len)]
+        self.seq_len, self.pad_id = seq_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        c = self.chunks[i]
+        return _pad(c, c, self.seq_len, self.pad_id)
+
+
+class ChatDataset(Dataset):
+    """Chat samples via the tokenizer's chat template; loss on assistant tokens only; each
+    sample truncated/padded to ``seq_len``."""
+
+    def __init__(self, samples: list[dict[str, list[int]]], seq_len: int, pad_id: int):
+        self.samples, self.seq_len, self.pad_id = samples, seq_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.samples[i]
+        ids, mask = s["input_ids"][:self.seq_len], s["assistant_masks"][:self.seq_len]
+        return _pad(ids, [t if m else IGNORE for t, m in zip(ids, mask)], self.seq_len, self.pad_id)
+
+
+def _doc_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [bos + x + eos for x in ids]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return pad
+
+
+def _check_messages(path: str, lineno: int, msgs) -> None:
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in msgs)
+    if not ok:
+        raise ValueError(f"{path}:{lineno}: 'messages' must be a non-empty list of "
+                         "{'role': str, 'content': str} objects")
+
+
+def load_jsonl(path: str, tokenizer, seq_len: int) -> Dataset:
+    """``{"text": ...}`` lines -> TokenChunks; ``{"messages": [...]}`` lines -> ChatDataset.
+    The first line decides the format; every line must then have that key."""
+    records = _read_jsonl(path)
+    key = "messages" if "messages" in records[0][1] else "text"
+    for lineno, rec in records:
+        if key not in rec:
+            raise ValueError(f"{path}:{lineno}: missing key '{key}' (format set by line "
+                             f"{records[0][0]})")
+        if key == "text" and not isinstance(rec["text"], str):
+            raise ValueError(f"{path}:{lineno}: 'text' must be a string, got "
+                             f"{type(rec['text']).__name__}")
+        if key == "messages":
+            _check_messages(path, lineno, rec["messages"])
+    if key == "text":
+        return TokenChunks(_doc_ids(tokenizer, [r["text"] for _, r in records]), seq_len,
+                           _pad_id(tokenizer))
+    if "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation", "{% generation"):
+        raise ValueError(f"{path}: chat data needs a tokenizer chat template with "
+                         "{% generation %} markers (assistant-only loss)")
+    samples = []
+    for lineno, rec in records:
+        try:
+            out = tokenizer.apply_chat_template(rec["messages"], tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        except Exception as e:  # template errors (e.g. unknown role) -> name the line
+            raise ValueError(f"{path}:{lineno}: chat template failed: {e}") from e
+        samples.append({"input_ids": list(out["input_ids"]),
+                        "assistant_masks": list(out["assistant_masks"])})
+    return ChatDataset(samples, seq_len, _pad_id(tokenizer))
+
+
+def load_hf_disk(path: str, tokenizer, seq_len: int) -> Dataset:
+    """A ``datasets.save_to_disk`` directory (split "train" if a DatasetDict) with a "text"
+    column, concatenated and chunked like JSONL text."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("data.name=hf_disk needs the 'datasets' package: pip install datasets") from None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"HF datasets directory not found: {path}")
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{path}: DatasetDict has no 'train' split (has {list(ds)})")
+        ds = ds["train"]
+    if "text" not in ds.column_names:
+        raise ValueError(f"{path}: no 'text' column (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise ValueError(f"{path}: empty dataset")
+    return TokenChunks(_doc_ids(tokenizer, list(ds["text"])), seq_len, _pad_id(tokenizer))
+
+
+# ---------------------------------------------------------------- public interface
+
+
+def build_train_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
+    """Training set selected by ``cfg.name``; deterministic (item i depends on seed and i)."""
+    if cfg.name == "passkey":
+        return PasskeyDataset(tokenizer, cfg.seq_len, seed, num_keys=cfg.num_keys,
+                              digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss)
+    if cfg.name in ("jsonl", "hf_disk"):
+        if not cfg.path:
+            raise ValueError(f"data.name={cfg.name} needs data.path")
+        load = load_jsonl if cfg.name == "jsonl" else load_hf_disk
+        return load(cfg.path, tokenizer, cfg.seq_len)
+    raise ValueError(f"unknown data.name={cfg.name!r} (expected passkey, jsonl or hf_disk)")
+
+
+def build_eval_dataset(cfg: DataConfig, tokenizer, seed: int, seq_len: int) -> Optional[Dataset]:
+    """Passkey retrieval eval set of ``cfg.eval_samples`` items at ``seq_len`` (for every
+    ``data.name``: it measures long-context retrieval); None when eval_samples is 0."""
+    if cfg.eval_samples <= 0:
+        return None
+    return PasskeyDataset(tokenizer, seq_len, seed, num_keys=cfg.num_keys,
+                          digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,
+                          length=cfg.eval_samples, split="eval")
+
+
+def answer_logit_positions(batch: dict) -> torch.Tensor:
+    """(B, K) positions whose logits predict the K answer tokens (answer position - 1).
+    Gather hidden states there and apply the LM head to get light (B, K, V) logits."""
+    mask = batch["answer_mask"]
+    k = int(mask[0].sum())
+    if not bool((mask.sum(1) == k).all()):
+        raise ValueError("all samples in a batch must have the same number of answer tokens")
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return pos[mask].view(mask.shape[0], k) - 1
+
+
+def retrieval_accuracy(logits: torch.Tensor, batch: dict) -> tuple[int, int]:
+    """(correct, total) samples whose answer tokens are all predicted exactly by argmax.
+
+    ``logits`` is either full (B, seq_len, V) or only at ``answer_logit_positions(batch)``
+    (B, K, V). Teacher-forced, equal to greedy decoding of the answer.
+    """
+    pos = answer_logit_positions(batch)
+    targets = batch["labels"].gather(1, pos + 1)
+    if logits.shape[1] == batch["labels"].shape[1]:
+        logits = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    elif logits.shape[1] != pos.shape[1]:
+        raise ValueError(f"logits length {logits.shape[1]} is neither seq_len "
+                         f"{batch['labels'].shape[1]} nor the answer length {pos.shape[1]}")
+    correct = (logits.argmax(-1) == targets.to(logits.device)).all(dim=1)
+    return int(correct.sum()), int(correct.numel())
