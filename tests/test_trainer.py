@@ -1,0 +1,179 @@
+"""Trainer tests (CPU): config composition and errors, PBS inside transformers, the job end to end
+(W&B keys, checkpoints, resume, HF export)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tests.trainer_utils import (ROOT, TINY, check, losses, run_dirs, run_job,
+                                 wandb_history_keys)
+from trainer.attention import AttentionConfig, install_attention
+from trainer.config import register_configs
+from trainer.model import ModelConfig, build_model
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_default_config_and_overrides():
+    cfg = _compose(["deepspeed=zero3_offload", "attention.threshold=0.5", "data.seq_len=4096",
+                    "model=llama3_8b", "attention.dense_layers=[0,1]", "trainer.max_steps=7"])
+    assert cfg.deepspeed.stage == 3 and cfg.deepspeed.offload_param
+    assert cfg.attention.threshold == 0.5 and list(cfg.attention.dense_layers) == [0, 1]
+    assert cfg.data.seq_len == 4096 and cfg.model.num_layers == 32 and cfg.trainer.max_steps == 7
+    default = _compose([])
+    assert default.model.num_layers == 2 and default.attention.impl == "pbs"
+    assert default.data.name == "passkey" and default.deepspeed.stage == 0
+    for group, option in (("deepspeed", "zero1"), ("deepspeed", "zero2_offload"),
+                          ("attention", "sdpa"), ("model", "qwen2_5_7b"),
+                          ("model", "llama3_1b"), ("optim", "cpu_adam")):
+        assert _compose([f"{group}={option}"])[group] is not None
+
+
+def _composition_error(overrides: list[str]) -> str:
+    with pytest.raises(Exception) as err:
+        _compose(overrides)
+    return f"{err.value} {err.value.__cause__}"
+
+
+def test_typo_and_wrong_type_fail_at_composition():
+    assert "Key 'max_stepz' not in 'TrainerConfig'" in _composition_error(["trainer.max_stepz=3"])
+    assert "could not be converted to Integer" in _composition_error(["trainer.max_steps=many"])
+    assert "could not be converted to Float" in _composition_error(["attention.threshold=high"])
+    assert "Could not find 'deepspeed/zero4'" in _composition_error(["deepspeed=zero4"])
+
+
+def test_cfg_job_and_cli_errors(tmp_path):
+    out = check(run_job(["--cfg", "job", "trainer.max_steps=3", "deepspeed=zero2"], tmp_path))
+    cfg = OmegaConf.create(out[out.index("model:"):])
+    assert cfg.trainer.max_steps == 3 and cfg.deepspeed.stage == 2
+    bad = run_job(["trainer.max_stepz=3"], tmp_path)
+    assert bad.returncode != 0 and "max_stepz" in bad.stderr
+    assert "Traceback" not in bad.stderr  # Hydra's short message, before any work
+    bad = run_job(["data=jsonl", f"data.path={tmp_path}/missing.jsonl", *TINY,
+                   f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"], tmp_path)
+    assert bad.returncode != 0 and "missing.jsonl" in bad.stderr
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    bad = run_job(["data=jsonl", f"data.path={tmp_path}/bad.jsonl", *TINY,
+                   f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"], tmp_path)
+    assert bad.returncode != 0 and "bad.jsonl:2" in bad.stderr
+
+
+# ---------------------------------------------------------------- PBS inside transformers
+
+
+def test_pbs_in_llama_matches_sdpa_at_threshold_one():
+    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    attn = AttentionConfig(threshold=1.0, block_size=32, segment_size=64, backend="torch")
+    torch.manual_seed(0)
+    pbs = build_model(mcfg, attn, vocab_size=50, max_len=256)
+    dense = build_model(mcfg, AttentionConfig(impl="sdpa"), vocab_size=50, max_len=256)
+    dense.load_state_dict(pbs.state_dict())
+    tracker = install_attention(pbs, attn)
+    ids = torch.randint(0, 50, (2, 256))
+    out_pbs, out_dense = pbs(ids).logits, dense(ids).logits
+    torch.testing.assert_close(out_pbs, out_dense, atol=2e-5, rtol=1e-4)
+    out_pbs.square().mean().backward()
+    out_dense.square().mean().backward()
+    for (name, a), b in zip(pbs.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3, msg=name)
+    assert set(tracker.reduce()) == {0, 1}
+    # A threshold below 1 skips blocks: output differs, density drops below the causal total.
+    install_attention(pbs, AttentionConfig(threshold=0.3, block_size=32, segment_size=64,
+                                           backend="torch", dense_layers=[1]))
+    with torch.no_grad():
+        pbs.train()
+        pbs(ids)
+    tracker = pbs.model.layers[0].self_attn.pbs_settings.tracker
+    assert list(tracker.reduce()) == [0]
+
+
+# ---------------------------------------------------------------- the job end to end
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """6 steps, checkpoints at 3 and 6 (both kept), W&B offline, block-mask images, HF export."""
+    tmp = tmp_path_factory.mktemp("job")
+    out = tmp / "out"
+    proc = run_job([*TINY, "trainer.max_steps=6", "trainer.save_every=3",
+                    "trainer.keep_checkpoints=0", "logging.image_every=3",
+                    f"trainer.output_dir={out}", "logging.wandb.mode=offline"], tmp)
+    return tmp, out, check(proc)
+
+
+def test_default_job_end_to_end(finished_run):
+    tmp, out, log = finished_run
+    (run,) = run_dirs(out)
+    assert "summary" in log and "eval/retrieval_acc" in log and "wandb sync" in log
+    steps = losses(run)
+    assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (run / "checkpoints" / "step_00000003").is_dir()
+    assert (run / "hf" / "model.safetensors").is_file() and (run / ".hydra").is_dir()
+
+
+def test_wandb_offline_run_has_the_keys(finished_run):
+    tmp, _, _ = finished_run
+    keys = wandb_history_keys(tmp)
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
+                "perf/step_time_s", "perf/tokens_per_sec", "perf/tokens_per_sec_per_gpu",
+                "perf/tflops_per_gpu", "attn/density", "attn/density/layer_00",
+                "attn/density/layer_01", "mem/peak_gb", "eval/loss", "eval/retrieval_acc",
+                "eval/retrieval_acc/len_00256", "attn/block_mask"}
+    assert expected <= keys, expected - keys
+
+
+def test_resume_replays_the_same_losses(finished_run):
+    """Copy the run's checkpoints, roll ``latest`` back to step 3 (as if the job died after that
+    save) and resume: steps 4-6 must give the uninterrupted run's losses."""
+    tmp, out, _ = finished_run
+    (run,) = run_dirs(out)
+    resumed = tmp / "resumed"
+    shutil.copytree(run / "checkpoints", resumed / "crashed" / "checkpoints")
+    (resumed / "crashed" / "checkpoints" / "latest").write_text("step_00000003")
+    check(run_job([*TINY, "trainer.max_steps=6", "trainer.resume=auto",
+                   f"trainer.output_dir={resumed}", "logging.wandb.mode=disabled",
+                   "trainer.export_hf=false"], tmp))
+    new = [d for d in run_dirs(resumed) if d.name != "crashed"]
+    assert len(new) == 1
+    again = losses(new[0])
+    assert sorted(again) == [4, 5, 6]
+    reference = losses(run)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(reference[step], abs=1e-6), (again, reference)
+
+
+def test_hf_export_reloads_with_same_logits(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, _ = finished_run
+    (run,) = run_dirs(out)
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf", attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")
+    state = torch.load(run / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    trained = build_model(mcfg, AttentionConfig(impl="sdpa"), len(tokenizer), 256)
+    trained.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
+    ids = tokenizer("The pass key for Anna is 12345.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,125 @@
+"""PBS attention as a ``transformers`` attention implementation, with per-layer density tracking.
+
+``install_attention(model, cfg)`` switches every decoder layer of a model loaded with
+``attn_implementation="pbs"`` to PBS (layers in ``cfg.dense_layers`` keep SDPA). Densities are kept
+as device tensors and reduced once per log step, so the train loop adds no device syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kernels import pbs_attention
+
+
+@dataclass
+class AttentionConfig:
+    """``attention`` group: ``pbs`` (permuted block-sparse) or ``sdpa`` (dense baseline)."""
+
+    impl: str = "pbs"  # "pbs" | "sdpa"
+    block_size: int = 64
+    segment_size: int = 256
+    threshold: float = 0.9
+    permute: bool = True
+    sink: bool = True
+    density: float | None = None  # fixed share of blocks instead of threshold
+    dense_layers: list[int] = field(default_factory=list)  # layer indices kept on SDPA
+    backend: str = "auto"  # kernels backend: "auto" | "triton" | "torch"
+    image_layer: int = -1  # layer whose block mask is drawn (-1: last PBS layer)
+
+
+class DensityTracker:
+    """Collects computed-block counts per layer as tensors; ``reduce()`` syncs once."""
+
+    def __init__(self, pbs_layers: list[int], image_layer: int):
+        self.pbs_layers = pbs_layers
+        self.image_layer = image_layer
+        self.capture_plan = False
+        self.last_plan = None
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+
+    def record(self, layer: int, plan) -> None:
+        density = plan.density_per_head().mean().detach()
+        self._sums[layer] = self._sums.get(layer, 0) + density
+        self._counts[layer] = self._counts.get(layer, 0) + 1
+        if self.capture_plan and layer == self.image_layer:
+            self.last_plan = (plan.block_mask[0, 0].cpu(), plan.key_perm[0, 0].cpu(),
+                              plan.block_size)
+
+    def reduce(self) -> dict[int, float]:
+        """Mean density per PBS layer since the last call (one device sync), then reset."""
+        if not self._sums:
+            return {}
+        layers = sorted(self._sums)
+        means = torch.stack([self._sums[i] / self._counts[i] for i in layers]).tolist()
+        self._sums.clear()
+        self._counts.clear()
+        return dict(zip(layers, means))
+
+
+@dataclass
+class _LayerSettings:
+    cfg: AttentionConfig
+    tracker: DensityTracker
+    layer: int
+
+
+def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """``transformers`` attention function: (B, Hq, N, D) in, ((B, N, Hq, D), None) out."""
+    settings: _LayerSettings | None = getattr(module, "pbs_settings", None)
+    if settings is None or query.shape[2] != key.shape[2]:
+        # Not installed (dense layer) or incremental decoding: dense causal attention.
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("PBS attention supports causal attention over unpadded sequences only")
+    cfg = settings.cfg
+    out, plan = pbs_attention(query, key, value, block_size=cfg.block_size,
+                              segment_size=cfg.segment_size, threshold=cfg.threshold,
+                              sink=cfg.sink, permute=cfg.permute, density=cfg.density,
+                              scale=scaling, return_plan=True, backend=cfg.backend)
+    if module.training or settings.tracker.capture_plan:
+        settings.tracker.record(settings.layer, plan)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("pbs", pbs_attention_forward)
+
+
+def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Self-attention modules of a HF decoder model, in layer order."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules with layer_idx/o_proj; "
+                         "PBS attention supports Llama-style decoders (Llama, Qwen2, Mistral, ...)")
+    return sorted(modules, key=lambda m: m.layer_idx)
+
+
+def install_attention(model: torch.nn.Module, cfg: AttentionConfig) -> DensityTracker:
+    """Attach PBS settings to every non-dense decoder layer; returns the density tracker."""
+    modules = decoder_attention_modules(model)
+    num_layers = len(modules)
+    dense = {i % num_layers for i in cfg.dense_layers}
+    bad = [i for i in cfg.dense_layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise ValueError(f"attention.dense_layers {bad} out of range for {num_layers} layers")
+    pbs_layers = [] if cfg.impl != "pbs" else [m.layer_idx for m in modules
+                                               if m.layer_idx not in dense]
+    image_layer = pbs_layers[-1] if pbs_layers else -1
+    if cfg.image_layer != -1:
+        image_layer = cfg.image_layer % num_layers
+        if image_layer not in pbs_layers:
+            raise ValueError(f"attention.image_layer={cfg.image_layer} is not a PBS layer "
+                             f"(PBS layers: {pbs_layers})")
+    tracker = DensityTracker(pbs_layers, image_layer)
+    for m in modules:
+        if m.layer_idx in pbs_layers:
+            m.pbs_settings = _LayerSettings(cfg, tracker, m.layer_idx)
+    return tracker

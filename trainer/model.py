@@ -1,0 +1,130 @@
+"""Model construction (from an architecture config or a local HF checkpoint) and the chunked loss."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .attention import AttentionConfig
+
+_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+
+
+@dataclass
+class ModelConfig:
+    """``model`` group. With ``path`` set, the architecture fields are ignored (the checkpoint's
+    own config is used) except ``rope_scaling``/``max_position_embeddings`` overrides."""
+
+    path: str | None = None  # local HF checkpoint directory
+    tokenizer_path: str | None = None  # default: ``path`` (None and no path: built-in chars)
+    family: str = "llama"  # "llama" | "qwen2" | "mistral"
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    vocab_size: int | None = None  # None: len(tokenizer)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int | None = None  # None: checkpoint's / max(data lengths)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases (set by its config class)
+    rope_scaling: dict[str, Any] | None = None  # e.g. {rope_type: yarn, factor: 4.0, ...}
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the LM-head + cross-entropy
+
+
+def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> PretrainedConfig:
+    """HF config of the model to train, with ``rope_scaling`` and context overrides applied."""
+    if cfg.path is not None:
+        if not os.path.isdir(cfg.path):
+            raise FileNotFoundError(f"model.path is not a directory: {cfg.path}")
+        config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+    else:
+        if cfg.family not in _FAMILIES:
+            raise ValueError(f"model.family must be one of {sorted(_FAMILIES)}, got {cfg.family!r}")
+        config = AutoConfig.for_model(
+            _FAMILIES[cfg.family], vocab_size=cfg.vocab_size or vocab_size,
+            hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+            max_position_embeddings=cfg.max_position_embeddings or max_len,
+            tie_word_embeddings=cfg.tie_word_embeddings)
+        if cfg.family == "llama":
+            config.attention_bias = cfg.attention_bias
+    if cfg.path is not None and cfg.max_position_embeddings is not None:
+        config.max_position_embeddings = cfg.max_position_embeddings
+    if cfg.rope_scaling is not None:
+        scaling = dict(cfg.rope_scaling)
+        base = getattr(config, "rope_parameters", None) or {}
+        scaling.setdefault("rope_theta", base.get("rope_theta", cfg.rope_theta))
+        config.rope_parameters = scaling
+    config.use_cache = False
+    return config
+
+
+def build_model(cfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_len: int,
+                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Causal LM from ``cfg`` with the attention implementation of ``attn`` (PBS or SDPA).
+
+    Call inside ``HfDeepSpeedConfig`` scope for ZeRO-3 so weights are partitioned at load.
+    """
+    config = architecture_config(cfg, vocab_size, max_len)
+    impl = "pbs" if attn.impl == "pbs" else "sdpa"
+    if attn.impl not in ("pbs", "sdpa"):
+        raise ValueError(f"attention.impl must be 'pbs' or 'sdpa', got {attn.impl!r}")
+    if cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, dtype=dtype,
+                                                     attn_implementation=impl,
+                                                     local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(f"model vocab ({model.get_input_embeddings().num_embeddings}) is smaller "
+                         f"than the tokenizer's ({vocab_size}); use the checkpoint's tokenizer")
+    return model
+
+
+class CausalLMWithChunkedLoss(torch.nn.Module):
+    """Wraps a HF causal LM: forward(input_ids, labels) -> mean token loss, never materialising
+    the full (N, vocab) logits (LM head + cross-entropy per chunk, recomputed in backward)."""
+
+    def __init__(self, lm: PreTrainedModel, chunk_tokens: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_from_hidden(self.hidden_states(input_ids), labels)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labels != -100 (HF convention: position t predicts t+1)."""
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+        n_valid = (targets != -100).sum().clamp(min=1)
+        head = self.lm.get_output_embeddings()
+        chunk = max(1, self.chunk_tokens // hidden.shape[0])
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[1], chunk):
+            h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
+            else:
+                total = total + _chunk_loss_sum(head, h, t)
+        return total / n_valid
+
+
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
