@@ -1,0 +1,456 @@
+"""Triton kernels for block-sparse attention over a PBS plan: forward, backward, autograd.
+
+Keys and values arrive already permuted (B, Hkv, N, D). Each query block walks two compacted
+lists of key blocks: "full" blocks from earlier segments (every key precedes every query, no
+mask) and diagonal-segment blocks (token mask ``key_pos[p] <= i`` on original positions).
+The backward computes dQ row-wise over the same lists and dK/dV column-wise from transposed
+lists, one program per KV head summing over its G query heads (no atomics: deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import PBSPlan
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Block index lists
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BlockIndex:
+    """Compacted block lists: ``*_cnt`` int32 (B, Hq, nb); ``*_idx`` int32 (B, Hq, nb, width).
+
+    kv lists: per query block, the key blocks it computes; q lists: per key block, the query
+    blocks that compute it. ``full`` = off-diagonal-segment, ``part`` = diagonal segment.
+    """
+
+    full_kv_cnt: torch.Tensor
+    full_kv_idx: torch.Tensor
+    part_kv_cnt: torch.Tensor
+    part_kv_idx: torch.Tensor
+    full_q_cnt: torch.Tensor
+    full_q_idx: torch.Tensor
+    part_q_cnt: torch.Tensor
+    part_q_idx: torch.Tensor
+
+    @classmethod
+    def from_plan(cls, plan: PBSPlan) -> "BlockIndex":
+        diag = plan.diagonal_segment_mask()
+        full = plan.block_mask & ~diag
+        part = plan.block_mask & diag
+        seg_blocks = min(plan.segment_size // plan.block_size, plan.num_blocks)
+        return cls(*_compact(full), *_compact(part, seg_blocks),
+                   *_compact(full.transpose(-1, -2)), *_compact(part.transpose(-1, -2), seg_blocks))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+def _compact(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of each row, in increasing order, and their count."""
+    count = mask.sum(-1, dtype=torch.int32)
+    idx = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    if width is not None:
+        idx = idx[..., :width]
+    return count.contiguous(), idx.to(torch.int32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, IDX_ptr, row,
+                    idx_width, N, stride_kn, stride_vn, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of one query tile over one compacted list of key blocks."""
+    SUBS: tl.constexpr = BLOCK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    count = tl.load(CNT_ptr + row)
+    for t in range(0, count * SUBS):
+        kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS)
+        cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
+        if MASKED:
+            in_range = cols < N
+            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None],
+                         mask=in_range[None, :], other=0.0)
+            v = tl.load(V_ptr + cols[:, None] * stride_vn + offs_d[None, :],
+                        mask=in_range[:, None], other=0.0)
+            key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
+        else:
+            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(V_ptr + cols[:, None] * stride_vn + offs_d[None, :])
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(key_pos[None, :] <= offs_m[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, KPOS, O, LSE,
+              FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
+              qk_scale, N, H, G, NB,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query tiles first
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    start_m = tile * BLOCK_M
+    row = pid_bh * NB + start_m // BLOCK
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=offs_m[:, None] < N, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    K_ptr = K + b * stride_kb + hk * stride_kh
+    V_ptr = V + b * stride_vb + hk * stride_vh
+    KPOS_ptr = KPOS + (b * (H // G) + hk) * N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr,
+                                    FULL_CNT, FULL_IDX, row, full_width, N, stride_kn, stride_vn,
+                                    qk_scale, HEAD_DIM, BLOCK, BLOCK_N, False, DOT_F32, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr,
+                                    PART_CNT, PART_IDX, row, part_width, N, stride_kn, stride_vn,
+                                    qk_scale, HEAD_DIM, BLOCK, BLOCK_N, True, DOT_F32, PRECISION)
+
+    has_keys = l_i > 0.0  # rows with no allowed key give 0 (and +inf LSE: zero gradient)
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(l_i), float("inf"))
+    in_rows = offs_m < N
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=in_rows[:, None])
+    tl.store(LSE + pid_bh * N + offs_m, lse, mask=in_rows)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, N, stride_ob, stride_oh, stride_on, stride_dob, stride_doh,
+                    stride_don, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < N
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, IDX_ptr,
+                       row, idx_width, N, stride_kn, stride_vn, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    SUBS: tl.constexpr = BLOCK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    count = tl.load(CNT_ptr + row)
+    for t in range(0, count * SUBS):
+        kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS)
+        cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
+        if MASKED:
+            in_range = cols < N
+            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None],
+                         mask=in_range[None, :], other=0.0)
+            vT = tl.load(V_ptr + cols[None, :] * stride_vn + offs_d[:, None],
+                         mask=in_range[None, :], other=0.0)
+            key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
+        else:
+            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None])
+            vT = tl.load(V_ptr + cols[None, :] * stride_vn + offs_d[:, None])
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASKED:
+            p = tl.where(key_pos[None, :] <= offs_m[:, None], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, KPOS, DO, DQ, LSE, DELTA,
+                 FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
+                 qk_scale, sm_scale, N, H, G, NB,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ for one query tile, row-wise over the key blocks it computed. DQ has q's strides."""
+    pid_bh = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    start_m = tile * BLOCK_M
+    row = pid_bh * NB + start_m // BLOCK
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < N
+    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=rows, other=0.0)
+    lse = tl.load(LSE + pid_bh * N + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=offs_m < N, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    K_ptr = K + b * stride_kb + hk * stride_kh
+    V_ptr = V + b * stride_vb + hk * stride_vh
+    KPOS_ptr = KPOS + (b * (H // G) + hk) * N
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr,
+                            FULL_CNT, FULL_IDX, row, full_width, N, stride_kn, stride_vn,
+                            qk_scale, HEAD_DIM, BLOCK, BLOCK_N, False, DOT_F32, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr,
+                            PART_CNT, PART_IDX, row, part_width, N, stride_kn, stride_vn,
+                            qk_scale, HEAD_DIM, BLOCK, BLOCK_N, True, DOT_F32, PRECISION)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, CNT_ptr,
+                         IDX_ptr, col, idx_width, N, stride_qn, stride_don, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                         MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over one query head's compacted query-block list."""
+    SUBS: tl.constexpr = BLOCK // BLOCK_M
+    offs_d = tl.arange(0, HEAD_DIM)
+    count = tl.load(CNT_ptr + col)
+    for t in range(0, count * SUBS):
+        qblk = tl.load(IDX_ptr + col * idx_width + t // SUBS)
+        offs_m = qblk * BLOCK + (t % SUBS) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_rows = offs_m < N
+        qT = tl.load(Q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None],
+                     mask=in_rows[None, :], other=0.0)
+        do = tl.load(DO_ptr + offs_m[:, None] * stride_don + offs_d[None, :],
+                     mask=in_rows[:, None], other=0.0)
+        lse = tl.load(LSE_ptr + offs_m, mask=in_rows, other=float("inf"))
+        delta = tl.load(DELTA_ptr + offs_m, mask=in_rows, other=0.0)
+        if DOT_F32:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        qkT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        pT = tl.math.exp2(qkT - lse[None, :])
+        if MASKED:
+            pT = tl.where(key_pos[:, None] <= offs_m[None, :], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
+                   FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
+                   qk_scale, sm_scale, N, H, G, NB,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                   HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV (permuted order) of one key tile of one KV head, summed over its G query heads.
+    DK and DV have k's and v's strides."""
+    pid_bhk = tl.program_id(0)
+    Hkv = H // G
+    b = pid_bhk // Hkv
+    hk = pid_bhk % Hkv
+    start_n = tl.program_id(1) * BLOCK_N  # earliest (heaviest) key tiles first
+    kblk = start_n // BLOCK
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n[:, None] < N
+    k_off = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_off = b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    k = tl.load(K + k_off, mask=cols, other=0.0)
+    v = tl.load(V + v_off, mask=cols, other=0.0)
+    key_pos = tl.load(KPOS + pid_bhk * N + offs_n, mask=offs_n < N, other=2147483647)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        col = (b * H + h) * NB + kblk
+        Q_ptr = Q + b * stride_qb + h * stride_qh
+        DO_ptr = DO + b * stride_dob + h * stride_doh
+        LSE_ptr = LSE + (b * H + h) * N
+        DELTA_ptr = DELTA + (b * H + h) * N
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                                      FULL_CNT, FULL_IDX, col, full_width, N, stride_qn,
+                                      stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, False,
+                                      DOT_F32, PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                                      PART_CNT, PART_IDX, col, part_width, N, stride_qn,
+                                      stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, True,
+                                      DOT_F32, PRECISION)
+    tl.store(DK + k_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
+    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers and autograd
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles (each divides the logical block size), warps and pipeline stages of one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def fit(self, block: int) -> "KernelConfig":
+        return KernelConfig(min(self.block_m, block), min(self.block_n, block), self.num_warps,
+                            self.num_stages)
+
+
+# Tuned on an H100/H200 for D=128 bf16 (bench/tune.py); the interpreter ignores warps/stages.
+FWD_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
+_LOG2E = 1.4426950408889634
+
+
+def _launch_args(x: torch.Tensor) -> tuple[bool, str]:
+    dot_f32 = _INTERPRET or x.dtype == torch.float32
+    return dot_f32, "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _strides(*xs: torch.Tensor) -> list[int]:
+    return [s for x in xs for s in x.stride()[:3]]
+
+
+def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: int,
+                      cfg: KernelConfig = FWD_CONFIG):
+    """Returns (out (B, Hq, N, D) in q.dtype, lse (B, Hq, N) fp32 log2-domain)."""
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    nb = index.full_kv_cnt.shape[-1]
+    cfg = cfg.fit(block)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    dot_f32, precision = _launch_args(q)
+    grid = (B * H, triton.cdiv(N, cfg.block_m))
+    _attn_fwd[grid](
+        q, k, v, key_pos, out, lse,
+        index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
+        index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
+        scale * _LOG2E, N, H, G, nb, *_strides(q, k, v, out),
+        HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_F32=dot_f32,
+        PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, key_pos, index: BlockIndex, scale: float,
+                       block: int, dq_cfg: KernelConfig = BWD_DQ_CONFIG,
+                       dkdv_cfg: KernelConfig = BWD_DKDV_CONFIG):
+    """Returns dq, dk, dv; dk and dv in the permuted key order of k and v."""
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    nb = index.full_kv_cnt.shape[-1]
+    dq_cfg, dkdv_cfg = dq_cfg.fit(block), dkdv_cfg.fit(block)
+    dot_f32, precision = _launch_args(q)
+
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(B * H, triton.cdiv(N, 64))](
+        out, do, delta, N, *_strides(out, do), H, HEAD_DIM=D, BLOCK_M=64)
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    strides = _strides(q, k, v, do)
+    _attn_bwd_dq[(B * H, triton.cdiv(N, dq_cfg.block_m))](
+        q, k, v, key_pos, do, dq, lse, delta,
+        index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
+        index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
+        scale * _LOG2E, scale, N, H, G, nb, *strides,
+        HEAD_DIM=D, BLOCK=block, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+        DOT_F32=dot_f32, PRECISION=precision, num_warps=dq_cfg.num_warps,
+        num_stages=dq_cfg.num_stages)
+    _attn_bwd_dkdv[(B * Hkv, triton.cdiv(N, dkdv_cfg.block_n))](
+        q, k, v, key_pos, do, dk, dv, lse, delta,
+        index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
+        index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
+        scale * _LOG2E, scale, N, H, G, nb, *strides,
+        HEAD_DIM=D, BLOCK=block, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+        DOT_F32=dot_f32, PRECISION=precision, num_warps=dkdv_cfg.num_warps,
+        num_stages=dkdv_cfg.num_stages)
+    return dq, dk, dv
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """Attention over permuted keys/values with a compacted block index (Triton)."""
+
+    @staticmethod
+    def forward(ctx, q, k_perm, v_perm, key_pos, scale, block, *index_tensors):
+        index = BlockIndex(*index_tensors)
+        out, lse = attention_forward(q, k_perm, v_perm, key_pos, index, scale, block)
+        ctx.save_for_backward(q, k_perm, v_perm, out, lse, key_pos, *index_tensors)
+        ctx.scale, ctx.block = scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, key_pos, *index_tensors = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, key_pos, BlockIndex(*index_tensors),
+                                        ctx.scale, ctx.block)
+        return (dq, dk, dv) + (None,) * (3 + len(index_tensors))
+
+
+def triton_block_sparse_attention(q: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor,
+                                  plan: PBSPlan, scale: float) -> torch.Tensor:
+    """Differentiable Triton attention; k_perm, v_perm already in the plan's key order."""
+    q, k_perm, v_perm = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_perm, v_perm))
+    key_pos = plan.key_perm.to(torch.int32).contiguous()
+    index = BlockIndex.from_plan(plan)
+    return BlockSparseAttentionFunction.apply(q, k_perm, v_perm, key_pos, scale,
+                                              plan.block_size, *index.tensors())

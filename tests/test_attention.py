@@ -1,0 +1,123 @@
+"""PBS attention against the float64 reference: torch path and Triton kernels (interpreter on
+CPU). Every check draws fresh random inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_checks import random_qkv, relative_errors
+from kernels import PBSPlan, block_sparse_attention, pbs_attention
+
+
+def test_torch_backend_matches_reference_and_threshold_one_is_causal():
+    q, k, v = random_qkv(2, 4, 2, 300, 32)
+    _, errors = relative_errors(q, k, v, threshold=0.7, backend="torch")
+    assert max(errors.values()) < 1e-5, errors
+    out = pbs_attention(q, k, v, block_size=32, segment_size=64, threshold=1.0, backend="torch")
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                           is_causal=True)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+# (B, Hq, Hkv, N, D, block, segment, threshold): G in {1, 2, 4, 8}, D in {64, 128}, N not a
+# multiple of the block or segment, N <= S, batch > 1.
+TRITON_CASES = [
+    (1, 2, 2, 200, 64, 32, 64, 0.5),
+    (2, 2, 1, 161, 64, 16, 32, 0.4),
+    (1, 4, 1, 150, 64, 16, 32, 0.6),
+    (1, 8, 1, 96, 64, 16, 32, 0.6),
+    (1, 2, 1, 130, 128, 16, 32, 0.5),
+    (1, 2, 1, 60, 64, 32, 64, 0.3),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-D{}-b{}-S{}-t{}".format(*c))
+def test_triton_kernels_match_float64_reference(case):
+    B, Hq, Hkv, N, D, b, S, tau = case
+    q, k, v = random_qkv(B, Hq, Hkv, N, D)
+    plan, errors = relative_errors(q, k, v, threshold=tau, block_size=b, segment_size=S,
+                                   backend="triton")
+    assert max(errors.values()) < 1e-5, errors
+    nb = plan.num_blocks
+    off_segment = torch.ones(nb, nb).tril().bool() & ~plan.diagonal_segment_mask()
+    if off_segment.sum() > 2:
+        assert not plan.block_mask[..., off_segment].all(), "no block was skipped"
+
+
+def test_triton_threshold_one_equals_causal_attention():
+    q, k, v = random_qkv(1, 4, 2, 140, 64)
+    out = pbs_attention(q, k, v, block_size=16, segment_size=32, threshold=1.0, backend="triton")
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                           is_causal=True)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+def test_triton_half_precision_with_outliers(dtype, tol):
+    q, k, v = random_qkv(1, 4, 2, 160, 64, dtype=dtype, outliers=True)
+    _, errors = relative_errors(q, k, v, threshold=0.8, block_size=16, segment_size=32,
+                                backend="triton")
+    assert max(errors.values()) < tol, errors
+
+
+def test_triton_without_permutation_and_forced_density():
+    q, k, v = random_qkv(1, 2, 1, 256, 64)
+    plan, errors = relative_errors(q, k, v, block_size=16, segment_size=32, permute=False,
+                                   density=0.3, backend="triton")
+    assert torch.equal(plan.key_perm, torch.arange(256).expand(1, 1, 256))
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_without_allowed_keys_give_zero_not_nan(backend):
+    """A hand-made plan whose block mask drops the diagonal of query block 1."""
+    B, H, N, D, b = 1, 2, 64, 64, 16
+    q, k, v = random_qkv(B, H, H, N, D)
+    mask = torch.ones(4, 4).tril().bool()
+    mask[1, :] = False
+    plan = PBSPlan(torch.arange(N).expand(B, H, N).clone(), mask.expand(B, H, 4, 4).clone(), b, b)
+    out = block_sparse_attention(q, k, v, plan, backend=backend)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    assert out[:, :, 16:32].abs().max() == 0 and q.grad[:, :, 16:32].abs().max() == 0
+    assert out[:, :, 32:].abs().min() > 0
+
+
+def test_triton_backward_is_deterministic():
+    q, k, v = random_qkv(1, 4, 1, 128, 64)
+    grads = []
+    for _ in range(2):
+        for x in (q, k, v):
+            x.grad = None
+        out = pbs_attention(q, k, v, block_size=16, segment_size=32, threshold=0.7,
+                            backend="triton")
+        out.backward(torch.ones_like(out))
+        grads.append([x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(q=torch.randn(2, 64, 32)), "4 dims"),
+    (dict(k=torch.randn(1, 3, 64, 32), v=torch.randn(1, 3, 64, 32)), "multiple of key/value heads"),
+    (dict(k=torch.randn(1, 2, 64, 64), v=torch.randn(1, 2, 64, 64)), "head dims differ"),
+    (dict(v=torch.randn(1, 2, 64, 8)), "k and v shapes differ"),
+    (dict(k=torch.randn(1, 2, 32, 32), v=torch.randn(1, 2, 32, 32)), "sequence lengths differ"),
+    (dict(k=torch.randn(2, 2, 64, 32), v=torch.randn(2, 2, 64, 32)), "batch sizes differ"),
+    (dict(segment_size=40), "multiple of block_size"),
+    (dict(threshold=0.0), "threshold must be in (0, 1]"),
+    (dict(threshold=1.5), "threshold must be in (0, 1]"),
+    (dict(density=2.0), "density must be in (0, 1]"),
+    (dict(q=torch.randn(1, 4, 64, 32).int()), "unsupported dtype"),
+    (dict(q=torch.randn(1, 4, 64, 32).half()), "dtypes differ"),
+    (dict(backend="cuda"), "backend must be"),
+    (dict(backend="triton", q=torch.randn(1, 4, 64, 24), k=torch.randn(1, 2, 64, 24),
+          v=torch.randn(1, 2, 64, 24)), "head dims"),
+])
+def test_bad_input_raises_clear_value_error(kwargs, message):
+    args = dict(q=torch.randn(1, 4, 64, 32), k=torch.randn(1, 2, 64, 32),
+                v=torch.randn(1, 2, 64, 32), block_size=16, segment_size=32)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        pbs_attention(**args)
