@@ -55,7 +55,7 @@ class PasskeyDataset(Dataset):
     """Filler text with ``num_keys`` "The pass key for <name> is <digits>." lines at random
     depths, ending with a question about one name and its answer, exactly ``seq_len`` tokens:
 
-        <bos> filler.. key line.. filler.. \\nWhat is the pass key for <name>? The pass key is <digits><eos>
+        <bos> filler.. key line.. filler.. \\nWhat is the pass key for <name>? The pass key for <name> is <digits><eos>
 
     Item ``i`` depends only on (seed, split, i).
     """
@@ -98,7 +98,8 @@ class PasskeyDataset(Dataset):
 
     @staticmethod
     def _question(name: str) -> str:
-        return f"\nWhat is the pass key for {name}? The pass key is "
+        # Ends like the key line, so the answer follows the same context (an induction-head copy).
+        return f"\nWhat is the pass key for {name}? The pass key for {name} is "
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.length:
