@@ -392,37 +392,48 @@ def attention_backward(do, q, k, v, out, lse, key_pos, index: BlockIndex, scale:
                        dkdv_cfg: KernelConfig = BWD_DKDV_CONFIG):
     """Returns dq, dk, dv; dk and dv in the permuted key order of k and v."""
     B, H, N, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    nb = index.full_kv_cnt.shape[-1]
-    dq_cfg, dkdv_cfg = dq_cfg.fit(block), dkdv_cfg.fit(block)
-    dot_f32, precision = _launch_args(q)
-
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(B * H, triton.cdiv(N, 64))](
         out, do, delta, N, *_strides(out, do), H, HEAD_DIM=D, BLOCK_M=64)
-
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    strides = _strides(q, k, v, do)
-    _attn_bwd_dq[(B * H, triton.cdiv(N, dq_cfg.block_m))](
+    launch_dq(dq, do, q, k, v, lse, delta, key_pos, index, scale, block, dq_cfg)
+    launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index, scale, block, dkdv_cfg)
+    return dq, dk, dv
+
+
+def launch_dq(dq, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: float, block: int,
+              cfg: KernelConfig = BWD_DQ_CONFIG) -> None:
+    B, H, N, D = q.shape
+    cfg = cfg.fit(block)
+    dot_f32, precision = _launch_args(q)
+    _attn_bwd_dq[(B * H, triton.cdiv(N, cfg.block_m))](
         q, k, v, key_pos, do, dq, lse, delta,
         index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
-        scale * _LOG2E, scale, N, H, G, nb, *strides,
-        HEAD_DIM=D, BLOCK=block, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-        DOT_F32=dot_f32, PRECISION=precision, num_warps=dq_cfg.num_warps,
-        num_stages=dq_cfg.num_stages)
-    _attn_bwd_dkdv[(B * Hkv, triton.cdiv(N, dkdv_cfg.block_n))](
+        scale * _LOG2E, scale, N, H, H // k.shape[1], index.full_kv_cnt.shape[-1],
+        *_strides(q, k, v, do),
+        HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
+def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: float,
+                block: int, cfg: KernelConfig = BWD_DKDV_CONFIG) -> None:
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    cfg = cfg.fit(block)
+    dot_f32, precision = _launch_args(q)
+    _attn_bwd_dkdv[(B * Hkv, triton.cdiv(N, cfg.block_n))](
         q, k, v, key_pos, do, dk, dv, lse, delta,
         index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
         index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
-        scale * _LOG2E, scale, N, H, G, nb, *strides,
-        HEAD_DIM=D, BLOCK=block, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
-        DOT_F32=dot_f32, PRECISION=precision, num_warps=dkdv_cfg.num_warps,
-        num_stages=dkdv_cfg.num_stages)
-    return dq, dk, dv
+        scale * _LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
+        *_strides(q, k, v, do),
+        HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):

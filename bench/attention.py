@@ -1,0 +1,259 @@
+"""Attention benchmark: PBS kernels vs torch SDPA (cuDNN, flash; dense) vs FlexAttention with
+the same block mask, side by side in one run on one GPU.
+
+    python -m bench.attention                      # full sweep (N = 8K..128K, Hkv = 32 and 8)
+    python -m bench.attention --seq-lens 16384 --hkv 8 --out /tmp/a.json
+
+Times are ``triton.testing.do_bench`` medians (ms). FLOPs are counted on computed blocks only:
+forward 4 * B * Hq * N^2 * D / 2 * density, backward 2.5x that, forward+backward 3.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from kernels import PBSPlan, block_sparse_attention, pbs_attention
+from kernels.triton_attention import BlockIndex, BlockSparseAttentionFunction, _compact
+from kernels.plan import permute_keys
+
+MODES = ("fwd", "bwd", "fwdbwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+
+
+def causal_flops(B: int, H: int, N: int, D: int, density: float, mode: str) -> float:
+    return 4 * B * H * N * N * D / 2 * density * FLOP_FACTOR[mode]
+
+
+def heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device, seed=0):
+    """Inputs whose attention has structure: a few heavy-hitter keys per KV head that many
+    queries attend to (the "vertical lines" PBS permutes together), plus a local bias."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Hq, N, D, device=device, generator=g)
+    k = torch.randn(B, Hkv, N, D, device=device, generator=g)
+    v = torch.randn(B, Hkv, N, D, device=device, generator=g)
+    n_hit = max(1, N // 128)
+    for h in range(Hkv):
+        idx = torch.randint(0, N, (n_hit,), device=device, generator=g)
+        direction = torch.randn(D, device=device, generator=g)
+        direction = direction / direction.norm() * D ** 0.5
+        k[:, h, idx] += 1.5 * direction
+        q[:, h * (Hq // Hkv):(h + 1) * (Hq // Hkv)] += 0.5 * direction
+    return [x.to(dtype) for x in (q, k, v)]
+
+
+def random_block_plan(B, Hq, Hkv, N, block, density, device, seed=0) -> PBSPlan:
+    """Identity permutation; per query block the diagonal block plus random earlier blocks so
+    that computed / causal blocks is ``density``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    nb = math.ceil(N / block)
+    blk = torch.arange(nb, device=device)
+    earlier = blk[None, :] < blk[:, None]
+    keep_n = (torch.ceil(density * (blk + 1)) - 1).clamp(min=0)  # besides the diagonal
+    scores = torch.rand(B, Hq, nb, nb, device=device, generator=g).masked_fill(~earlier, -1)
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    mask = (rank < keep_n[:, None]) & earlier
+    mask |= torch.eye(nb, dtype=torch.bool, device=device)
+    key_perm = torch.arange(N, device=device).expand(B, Hkv, N).clone()
+    return PBSPlan(key_perm, mask, block, block)
+
+
+def flex_block_mask(plan: PBSPlan, Hq: int, N: int):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    diag = plan.diagonal_segment_mask()
+    full_cnt, full_idx = _compact(plan.block_mask & ~diag)
+    part_cnt, part_idx = _compact(plan.block_mask & diag)
+    key_pos = plan.key_perm
+    G = Hq // key_pos.shape[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return key_pos[b, h // G, kv_idx] <= q_idx
+
+    return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx,
+                                    BLOCK_SIZE=plan.block_size, mask_mod=mask_mod,
+                                    seq_lengths=(N, N))
+
+
+def time_modes(fwd, inputs, modes=MODES) -> dict[str, float]:
+    """Median ms of forward, backward (retained graph) and forward+backward."""
+    res = {}
+    for x in inputs:
+        x.grad = None
+    if "fwd" in modes:
+        with torch.no_grad():
+            res["fwd"] = do_bench(fwd, return_mode="median")
+    out = fwd()
+    dout = torch.randn_like(out)
+    if "bwd" in modes:
+        res["bwd"] = do_bench(lambda: out.backward(dout, retain_graph=True), return_mode="median",
+                              grad_to_none=inputs)
+    if "fwdbwd" in modes:
+        res["fwdbwd"] = do_bench(lambda: fwd().backward(dout), return_mode="median",
+                                 grad_to_none=inputs)
+    return res
+
+
+def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex_fn, device):
+    B = 1
+    G = Hq // Hkv
+    rows = []
+    q, k, v = heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    kr = k.detach().repeat_interleave(G, 1).requires_grad_()
+    vr = v.detach().repeat_interleave(G, 1).requires_grad_()
+
+    def row(impl, mask, density, times, **extra):
+        r = dict(impl=impl, mask=mask, N=N, Hq=Hq, Hkv=Hkv, D=D, density=density, **extra)
+        for m, ms in times.items():
+            r[f"{m}_ms"] = ms
+            r[f"{m}_tflops"] = causal_flops(B, Hq, N, D, density, m) / ms / 1e9
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        def dense(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        try:
+            row(name, "dense", 1.0, time_modes(dense, [q, kr, vr]))
+        except RuntimeError as e:  # backend unavailable for this shape/build
+            print(f"{name} skipped: {e}")
+
+    plans = [("fixed", d, random_block_plan(B, Hq, Hkv, N, block, d, device)) for d in densities]
+    _, pbs_plan = pbs_attention(q, k, v, block, segment, threshold, return_plan=True)
+    plans.append(("pbs", threshold, pbs_plan))
+    _, mp_plan = pbs_attention(q, k, v, block, segment, threshold, permute=False,
+                               return_plan=True)
+    plans.append(("meanpool", threshold, mp_plan))
+
+    scale = D ** -0.5
+    for kind, target, plan in plans:
+        density = plan.density
+        tag = dict(target=target)
+        # Ours, kernel only (index prebuilt, keys pre-permuted): per-block throughput.
+        index = BlockIndex.from_plan(plan)
+        key_pos = plan.key_perm.to(torch.int32)
+        kp = permute_keys(k.detach(), plan.key_perm).requires_grad_()
+        vp = permute_keys(v.detach(), plan.key_perm).requires_grad_()
+        kernel = lambda: BlockSparseAttentionFunction.apply(  # noqa: E731
+            q, kp, vp, key_pos, scale, block, *index.tensors())
+        row("pbs_kernel", kind, density, time_modes(kernel, [q, kp, vp]), **tag)
+        if kind == "fixed":  # end to end with the given plan: gather + index build + kernels
+            e2e = lambda: block_sparse_attention(q, k, v, plan)  # noqa: E731
+            row("pbs_e2e", kind, density, time_modes(e2e, [q, k, v], ("fwd", "fwdbwd")), **tag)
+        else:  # the whole method: plan (permutation + selection) + kernels
+            permute = kind == "pbs"
+            full = lambda: pbs_attention(q, k, v, block, segment, threshold,  # noqa: E731
+                                         permute=permute)
+            t = time_modes(full, [q, k, v], ("fwd", "fwdbwd"))
+            plan_ms = do_bench(lambda: pbs_attention_plan_only(q, k, block, segment, threshold,
+                                                               permute), return_mode="median")
+            row("pbs_e2e", kind, density, t, plan_ms=plan_ms,
+                plan_share=plan_ms / t["fwdbwd"], **tag)
+        if flex_fn is not None:
+            bm = flex_block_mask(plan, Hq, N)
+            flex = lambda: flex_fn(q, kp, vp, block_mask=bm, enable_gqa=G > 1)  # noqa: E731
+            row("flex", kind, density, time_modes(flex, [q, kp, vp]), **tag)
+        del index, kp, vp
+    return rows
+
+
+def pbs_attention_plan_only(q, k, block, segment, threshold, permute):
+    """The planning part of pbs_attention (permutation, gather, selection, index lists)."""
+    from kernels.plan import identity_permutation, segment_permutation, select_blocks
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        key_perm = (segment_permutation(q, k, block, segment, scale) if permute
+                    else identity_permutation(k))
+        k_perm = permute_keys(k, key_perm)
+        mask = select_blocks(q, k_perm, key_perm, block, segment, threshold, True, scale)
+        return BlockIndex.from_plan(PBSPlan(key_perm, mask, block, segment))
+
+
+def summarize(rows) -> str:
+    """A short markdown table: fwd+bwd ms and TFLOP/s per computed block, speedups."""
+    lines = ["| N | Hkv | mask | density | impl | fwd ms | fwd+bwd ms | TFLOP/s (fwd+bwd) | "
+             "vs cuDNN dense | vs Flex | plan share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = [x for x in rows if x["N"] == r["N"] and x["Hkv"] == r["Hkv"]]
+        cudnn = next((x for x in base if x["impl"] == "sdpa_cudnn"), None)
+        flex = next((x for x in base if x["impl"] == "flex" and x["mask"] == r["mask"]
+                     and x.get("target") == r.get("target")), None)
+        fb = r.get("fwdbwd_ms")
+        vs_cudnn = f"{cudnn['fwdbwd_ms'] / fb:.2f}x" if cudnn and fb else ""
+        vs_flex = (f"{flex['fwdbwd_ms'] / fb:.2f}x" if flex and fb and r["impl"] != "flex"
+                   and not r["impl"].startswith("sdpa") else "")
+        share = f"{r['plan_share']:.1%}" if "plan_share" in r else ""
+        lines.append(
+            f"| {r['N']} | {r['Hkv']} | {r['mask']} {r.get('target', '')} | {r['density']:.3f} | "
+            f"{r['impl']} | {r.get('fwd_ms', float('nan')):.2f} | {fb or float('nan'):.2f} | "
+            f"{r.get('fwdbwd_tflops', float('nan')):.0f} | {vs_cudnn} | {vs_flex} | {share} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--hkv", type=int, nargs="+", default=[32, 8])
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--segment-size", type=int, default=256)
+    p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0])
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results/attention.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.attention needs a CUDA GPU")
+    device = "cuda"
+    flex_fn = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex_fn = torch.compile(flex_attention, dynamic=False)
+
+    rows = []
+    for N in args.seq_lens:
+        for hkv in args.hkv:
+            rows += bench_shape(N, args.hq, hkv, args.head_dim, args.block_size,
+                                args.segment_size, args.densities, args.threshold,
+                                torch.bfloat16, flex_fn, device)
+            torch.cuda.empty_cache()
+    meta = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                commit=_commit(), torch=torch.__version__,
+                triton=__import__("triton").__version__, dtype="bfloat16", B=1,
+                block_size=args.block_size, segment_size=args.segment_size,
+                threshold=args.threshold)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    table = summarize(rows)
+    args.out.with_suffix(".md").write_text(json.dumps(meta) + "\n\n" + table + "\n")
+    print(json.dumps(meta))
+    print(table)
+
+
+def _commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # the device machine gets the tree without .git
+        return os.environ["BENCH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
