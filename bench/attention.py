@@ -35,20 +35,26 @@ def causal_flops(B: int, H: int, N: int, D: int, density: float, mode: str) -> f
     return 4 * B * H * N * N * D / 2 * density * FLOP_FACTOR[mode]
 
 
-def heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device, seed=0):
-    """Inputs whose attention has structure: a few heavy-hitter keys per KV head that many
-    queries attend to (the "vertical lines" PBS permutes together), plus a local bias."""
+def heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device, seed=0, segment=256, hot_share=0.125,
+                     hitters_per_segment=24):
+    """Inputs whose attention has structure: in a few "hot" segments of each KV head, a few
+    dozen heavy-hitter keys that the queries of that head group attend to (the scattered
+    "vertical lines" PBS permutes together); everything else unit-normal noise."""
     g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, Hq, N, D, device=device, generator=g)
     k = torch.randn(B, Hkv, N, D, device=device, generator=g)
     v = torch.randn(B, Hkv, N, D, device=device, generator=g)
-    n_hit = max(1, N // 128)
+    n_seg = max(1, N // segment)
+    G = Hq // Hkv
     for h in range(Hkv):
-        idx = torch.randint(0, N, (n_hit,), device=device, generator=g)
+        hot = torch.randperm(n_seg, device=device, generator=g)[:max(1, int(n_seg * hot_share))]
+        offs = torch.randint(0, min(segment, N), (len(hot), hitters_per_segment), device=device,
+                             generator=g)
+        idx = (hot[:, None] * segment + offs).flatten().clamp(max=N - 1)
         direction = torch.randn(D, device=device, generator=g)
         direction = direction / direction.norm() * D ** 0.5
-        k[:, h, idx] += 1.5 * direction
-        q[:, h * (Hq // Hkv):(h + 1) * (Hq // Hkv)] += 0.5 * direction
+        k[:, h, idx] += 3.0 * direction
+        q[:, h * G:(h + 1) * G] += direction
     return [x.to(dtype) for x in (q, k, v)]
 
 
@@ -108,7 +114,7 @@ def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex
     B = 1
     G = Hq // Hkv
     rows = []
-    q, k, v = heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device)
+    q, k, v = heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device, segment=segment)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     kr = k.detach().repeat_interleave(G, 1).requires_grad_()
     vr = v.detach().repeat_interleave(G, 1).requires_grad_()
