@@ -3,7 +3,8 @@
 # except torch/triton/nvidia-* (the cluster has them). Install there with launch/install_offline.sh.
 #
 # Usage: launch/build_wheelhouse.sh [--minimal] [--have FILE] [--out DIR]
-#   --minimal    also leave out what a standard GPU image already has (TARGET_HAS below)
+#   --minimal    also leave out what the GPU image already has (TARGET_HAS below) and the
+#                matplotlib stack (PLOTS, ~24 MB: only for W&B block-mask images)
 #   --have FILE  also leave out the packages named in FILE (`pip freeze` output of the target)
 #   --out DIR    output folder (default wheelhouse/; env OUT)
 # Env: PYTHON_VERSION (3.12), PLATFORMS (manylinux x86_64 tags), DEEPSPEED_VERSION (0.19.8), PYTHON.
@@ -23,10 +24,11 @@ TARGET_HAS="transformers huggingface-hub hf-xet tokenizers safetensors accelerat
  regex filelock fsspec packaging requests urllib3 idna certifi charset-normalizer psutil jinja2
  markupsafe sympy mpmath networkx typing-extensions setuptools typer click rich shellingham
  markdown-it-py mdurl pygments annotated-doc"
+PLOTS="matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six tzdata"
 
 while (($#)); do
     case $1 in
-        --minimal) SKIP="$SKIP $TARGET_HAS" ;;
+        --minimal) SKIP="$SKIP $TARGET_HAS $PLOTS" ;;
         --have) SKIP="$SKIP $(sed -E 's/[ =<>@;\[].*//' "$2" | tr 'A-Z_.' 'a-z--' | tr '\n' ' ')"; shift ;;
         --out) OUT=$2; shift ;;
         -h|--help) sed -n '2,12p' "$0"; exit 0 ;;

@@ -5,8 +5,9 @@
 # All ranks share one run folder through PBS_RUN_ID (set it to resume into a known id).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)}
+(( NUM_GPUS > 0 )) || NUM_GPUS=1  # no GPU: one CPU rank
 export PBS_RUN_ID=${PBS_RUN_ID:-$(date +%Y%m%d-%H%M%S)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec deepspeed --num_gpus "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}" \
+exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
     --no_local_rank --module trainer.train "$@"

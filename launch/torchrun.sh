@@ -5,9 +5,10 @@
 #   (give every node the same PBS_RUN_ID)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)}
+(( NPROC > 0 )) || NPROC=1  # no GPU: one CPU rank
 export PBS_RUN_ID=${PBS_RUN_ID:-$(date +%Y%m%d-%H%M%S)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec torchrun --nproc_per_node "${NPROC:-1}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+exec torchrun --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
     -m trainer.train "$@"
