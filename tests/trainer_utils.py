@@ -71,7 +71,7 @@ def wandb_history_keys(wandb_dir: Path) -> set[str]:
             rec.ParseFromString(chunk)
             chunk = b""
             if rec.WhichOneof("record_type") == "history":
-                keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+                keys |= {item.key or item.nested_key[0] for item in rec.history.item}
         if length == 0 and kind == 0:
             break
     return keys

@@ -61,6 +61,7 @@ class WandbLogger:
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
         self.run = None
+        self._warned_no_matplotlib = False
         if rank != 0 or mode == "disabled":
             return
         import wandb
@@ -78,12 +79,22 @@ class WandbLogger:
             self.run.log(metrics, step=step)
 
     def log_block_mask(self, plan: tuple, step: int, layer: int) -> None:
+        """Log the captured plan of ``layer`` as an image (skipped without matplotlib)."""
         if self.run is None or plan is None:
             return
+        try:
+            import matplotlib
+        except ImportError:
+            if not self._warned_no_matplotlib:
+                print("wandb: matplotlib is not installed; block-mask images are skipped "
+                      "(pip install matplotlib)", flush=True)
+                self._warned_no_matplotlib = True
+            return
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
         import wandb
         fig = block_mask_figure(*plan, title=f"layer {layer}, batch 0, head 0, step {step}")
         self.run.log({"attn/block_mask": wandb.Image(fig)}, step=step)
-        import matplotlib.pyplot as plt
         plt.close(fig)
 
     def finish(self, summary: dict) -> None:
@@ -96,8 +107,6 @@ def block_mask_figure(block_mask: torch.Tensor, key_perm: torch.Tensor, block_si
                       title: str):
     """Two panels: computed (query block, permuted key block) and the same computation seen in
     original key order (share of each original key block's keys that are computed)."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     nb, n = block_mask.shape[0], key_perm.shape[0]
