@@ -188,6 +188,24 @@ def pbs_attention_plan_only(q, k, block, segment, threshold, permute):
         return BlockIndex.from_plan(PBSPlan(key_perm, mask, block, segment))
 
 
+def profile_plan(args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    for N in args.seq_lens:
+        for hkv in args.hkv:
+            q, k, _ = heavy_hitter_qkv(1, args.hq, hkv, N, args.head_dim, torch.bfloat16, "cuda",
+                                       segment=args.segment_size)
+            run = lambda: pbs_attention_plan_only(q, k, args.block_size,  # noqa: E731
+                                                  args.segment_size, args.threshold, True)
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            print(f"N={N} Hkv={hkv} plan {do_bench(run, return_mode='median'):.2f} ms")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                            max_name_column_width=60))
+
+
 def summarize(rows) -> str:
     """A short markdown table: fwd+bwd ms and TFLOP/s per computed block, speedups."""
     lines = ["| N | Hkv | mask | density | impl | fwd ms | fwd+bwd ms | TFLOP/s (fwd+bwd) | "
@@ -221,11 +239,16 @@ def main(argv=None) -> None:
     p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0])
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--profile-plan", action="store_true",
+                   help="print a torch.profiler table of the planning ops and exit")
     p.add_argument("--out", type=Path, default=Path("bench/results/attention.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.attention needs a CUDA GPU")
     device = "cuda"
+    if args.profile_plan:
+        profile_plan(args)
+        return
     flex_fn = None
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 # Temporary score tensors of the importance pass are kept under this many bytes.
-_IMPORTANCE_CHUNK_BYTES = 256 * 2**20
+_IMPORTANCE_CHUNK_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -73,14 +73,17 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
         return key_perm
 
     nq = min(block_size, N)
-    q_last = q[:, :, N - nq:, :].reshape(B, Hkv, G * nq, D)
+    q_last = q[:, :, N - nq:, :].reshape(B, Hkv, G * nq, D) * scale
     k_seg = k[:, :, :n_complete, :]
     importance = torch.empty(B, Hkv, n_complete, device=k.device, dtype=torch.float32)
-    heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // (B * G * nq * n_complete * 4))
+    bytes_per_head = B * G * nq * n_complete * k.element_size()
+    heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // bytes_per_head)
     for h0 in range(0, Hkv, heads_per_chunk):
         h1 = min(Hkv, h0 + heads_per_chunk)
-        scores = torch.matmul(q_last[:, h0:h1].float(), k_seg[:, h0:h1].float().transpose(-1, -2))
-        importance[:, h0:h1] = torch.softmax(scores * scale, dim=-1).mean(dim=-2)
+        # Scores and probabilities in the input dtype (fp32 accumulation inside): a ranking
+        # needs no more, and half precision halves the memory traffic of this pass.
+        scores = torch.matmul(q_last[:, h0:h1], k_seg[:, h0:h1].transpose(-1, -2))
+        importance[:, h0:h1] = torch.softmax(scores, dim=-1).mean(dim=-2, dtype=torch.float32)
 
     n_seg = n_complete // segment_size
     order = torch.argsort(importance.view(B, Hkv, n_seg, segment_size), dim=-1,
@@ -93,13 +96,14 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
 def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean over blocks of ``block_size`` tokens along dim -2; a short last block is averaged
     over its real tokens only. (B, H, N, D) -> (B, H, ceil(N / b), D) float32."""
-    B, H, N, D = x.shape
-    nb = math.ceil(N / block_size)
-    pad = nb * block_size - N
-    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, D)
-    counts = torch.full((nb,), float(block_size), device=x.device)
-    counts[-1] = block_size - pad
-    return xf.sum(dim=-2) / counts[:, None]
+    N = x.shape[-2]
+    n_full = N // block_size
+    pooled = x[..., :n_full * block_size, :].unflatten(-2, (n_full, block_size)).sum(
+        dim=-2, dtype=torch.float32) / block_size
+    if N % block_size:
+        tail = x[..., n_full * block_size:, :].sum(dim=-2, keepdim=True, dtype=torch.float32)
+        pooled = torch.cat([pooled, tail / (N % block_size)], dim=-2)
+    return pooled
 
 
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor, block_size: int,

@@ -350,9 +350,10 @@ class KernelConfig:
                             self.num_stages)
 
 
-# Tuned on an H100/H200 for D=128 bf16 (bench/tune.py); the interpreter ignores warps/stages.
-FWD_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+# Tuned on an H200 for D=128 bf16 (bench/tune.py, docs/benchmarks.md); the interpreter ignores
+# warps and stages.
+FWD_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
 _LOG2E = 1.4426950408889634
 
