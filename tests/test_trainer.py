@@ -71,6 +71,16 @@ def test_cfg_job_and_cli_errors(tmp_path):
     assert bad.returncode != 0 and "bad.jsonl:2" in bad.stderr
 
 
+def test_rope_scaling_override_reaches_the_model():
+    from trainer.model import RopeScalingConfig, architecture_config
+    cfg = ModelConfig(rope_scaling=RopeScalingConfig(rope_type="yarn", factor=4.0,
+                                                     original_max_position_embeddings=256))
+    config = architecture_config(cfg, vocab_size=50, max_len=1024)
+    assert config.rope_parameters["rope_type"] == "yarn"
+    assert config.rope_parameters["factor"] == 4.0 and config.max_position_embeddings == 1024
+    assert build_model(cfg, AttentionConfig(), 50, 1024).config.rope_parameters["factor"] == 4.0
+
+
 # ---------------------------------------------------------------- PBS inside transformers
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
-
+from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -14,6 +12,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from .attention import AttentionConfig
 
 _FAMILIES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE override to extend context (HF ``rope_parameters``); ``rope_type: null`` keeps the
+    architecture's / checkpoint's own RoPE. Unset (null) fields are left out."""
+
+    rope_type: str | None = None  # "linear" | "dynamic" | "yarn" | "longrope" | "llama3"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn / longrope
 
 
 @dataclass
@@ -36,7 +49,7 @@ class ModelConfig:
     max_position_embeddings: int | None = None  # None: checkpoint's / max(data lengths)
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has q/k/v biases (set by its config class)
-    rope_scaling: dict[str, Any] | None = None  # e.g. {rope_type: yarn, factor: 4.0, ...}
+    rope_scaling: RopeScalingConfig = field(default_factory=lambda: RopeScalingConfig())
     loss_chunk_tokens: int = 4096  # tokens per chunk of the LM-head + cross-entropy
 
 
@@ -61,8 +74,10 @@ def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> Pret
             config.attention_bias = cfg.attention_bias
     if cfg.path is not None and cfg.max_position_embeddings is not None:
         config.max_position_embeddings = cfg.max_position_embeddings
-    if cfg.rope_scaling is not None:
-        scaling = dict(cfg.rope_scaling)
+    if cfg.rope_scaling.rope_type is not None:
+        rope = cfg.rope_scaling
+        items = rope.items() if hasattr(rope, "items") else vars(rope).items()  # DictConfig or dataclass
+        scaling = {k: v for k, v in items if v is not None}
         base = getattr(config, "rope_parameters", None) or {}
         scaling.setdefault("rope_theta", base.get("rope_theta", cfg.rope_theta))
         config.rope_parameters = scaling

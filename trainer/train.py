@@ -100,6 +100,8 @@ def evaluate(engine, eval_sets: dict, micro_bs: int, device: torch.device) -> di
     losses = [v for k, v in metrics.items() if k.startswith("eval/loss/")]
     metrics["eval/retrieval_acc"] = sum(accs) / len(accs)
     metrics["eval/loss"] = sum(losses) / len(losses)
+    log.info("eval | %s", " | ".join(f"{k.removeprefix('eval/')} {v:.4f}"
+                                     for k, v in metrics.items()))
     return metrics
 
 
@@ -125,6 +127,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for h in list(logging.getLogger().handlers):
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 logging.getLogger().removeHandler(h)
+    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        log.warning("%d CPU ranks without OMP_NUM_THREADS: set OMP_NUM_THREADS=1 (or cores per "
+                    "rank) to avoid thread oversubscription (~5x slower steps)", world)
     random.seed(tr.seed)
     torch.manual_seed(tr.seed)
 
