@@ -40,15 +40,19 @@ NAMES = (
     "Rosa Sven Tara Umar Vera Walt Xena Yuri Zoe Alma Boris Cleo Dino Elsa Finn Gina Hans Ida "
     "Jack Lena Mark Nora Otto"
 ).split()
-NOUNS = "grass sky sun sea moon road tree river stone cloud field house door lamp bird fish".split()
-ADJS = "green blue yellow calm bright long tall wide grey white quiet old warm cold dark".split()
-FIXED = ("Here we go.", "There and back again.", "Nothing happens here.", "Time passes slowly.")
+FIXED = ("The grass is green.", "The sky is blue.", "Here we go.", "There and back again.")
+
+
+def _word(rng: random.Random) -> str:
+    """A made-up pronounceable word, e.g. 'tomarel'."""
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")
+                   for _ in range(rng.randint(2, 3))) + rng.choice(("", "n", "l", "s"))
 
 
 def _sentence(rng: random.Random) -> str:
     if rng.random() < 0.2:
         return rng.choice(FIXED)
-    return f"The {rng.choice(NOUNS)} is {rng.choice(ADJS)}."
+    return f"The {_word(rng)} is {_word(rng)}."
 
 
 class PasskeyDataset(Dataset):
@@ -70,7 +74,6 @@ class PasskeyDataset(Dataset):
         self.tok, self.seq_len, self.seed, self.split = tokenizer, seq_len, seed, split
         self.num_keys, self.digits, self.answer_only_loss, self.length = (
             num_keys, digits, answer_only_loss, length)
-        self._cache: dict[str, list[int]] = {}
         bos = tokenizer.bos_token_id
         self._bos = [] if bos is None else [bos]
         eos = tokenizer.eos_token_id
@@ -87,10 +90,7 @@ class PasskeyDataset(Dataset):
         return self.length
 
     def _ids(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
-        return ids
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
     @staticmethod
     def _key_line(name: str, value: str) -> str:
@@ -131,13 +131,15 @@ class PasskeyDataset(Dataset):
         return {"input_ids": input_ids, "labels": labels, "answer_mask": answer_mask}
 
     def _filler(self, rng: random.Random, budget: int) -> tuple[list[int], list[int]]:
-        """Exactly ``budget`` filler tokens from a small per-item sentence pool, plus the
-        sentence boundaries (token offsets) where key lines may go."""
-        pool = [_sentence(rng) for _ in range(rng.randint(3, 8))]
+        """Exactly ``budget`` filler tokens from a small per-item pool of sentences of made-up
+        words, plus the sentence boundaries (token offsets) where key lines may go. Repeated
+        unknown words can only be predicted by looking back: the filler's LM loss trains the
+        same in-context copying that retrieval needs."""
+        pool = [self._ids(" " + _sentence(rng)) for _ in range(rng.randint(3, 8))]
         ids: list[int] = []
         bounds = [0]
         while len(ids) < budget:
-            ids += self._ids(" " + rng.choice(pool))
+            ids += rng.choice(pool)
             bounds.append(len(ids))
         return ids[:budget], [b for b in bounds if b <= budget]
 
