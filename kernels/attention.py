@@ -131,3 +131,6 @@ def _validate_triton(q: torch.Tensor, block_size: int) -> None:
     if block_size not in (16, 32, 64, 128, 256):
         raise ValueError(f"the Triton backend needs block_size in (16, 32, 64, 128, 256), got "
                          f"{block_size}")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"importing kernels); got tensors on {q.device}")

@@ -56,12 +56,31 @@ class BlockIndex:
 
 
 def _compact(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of each row, in increasing order, and their count."""
-    count = mask.sum(-1, dtype=torch.int32)
-    idx = torch.sort(mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
-    if width is not None:
-        idx = idx[..., :width]
-    return count.contiguous(), idx.to(torch.int32).contiguous()
+    """Indices of the True entries of each row of a (B, H, R, C) bool mask, in increasing order
+    (int32, (B, H, R, width or C)), and their count (int32, (B, H, R)). Any strides."""
+    B, H, R, C = mask.shape
+    width = C if width is None else width
+    count = torch.empty(B, H, R, dtype=torch.int32, device=mask.device)
+    idx = torch.zeros(B, H, R, width, dtype=torch.int32, device=mask.device)
+    mask_u8 = mask.view(torch.uint8)
+    _compact_rows[(B * H * R,)](mask_u8, count, idx, H, R, C, width, *mask_u8.stride(),
+                                BLOCK_C=triton.next_power_of_2(C))
+    return count, idx
+
+
+@triton.jit
+def _compact_rows(MASK, COUNT, IDX, H, R, C, width, stride_b, stride_h, stride_r, stride_c,
+                  BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // (H * R)
+    h = (pid // R) % H
+    r = pid % R
+    cols = tl.arange(0, BLOCK_C)
+    m = tl.load(MASK + b * stride_b + h * stride_h + r * stride_r + cols * stride_c,
+                mask=cols < C, other=0).to(tl.int32)
+    slot = tl.cumsum(m, axis=0) - 1
+    tl.store(IDX + pid * width + slot, cols, mask=(m > 0) & (slot < width))
+    tl.store(COUNT + pid, tl.sum(m, axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +364,11 @@ class KernelConfig:
     num_warps: int
     num_stages: int
 
-    def fit(self, block: int) -> "KernelConfig":
-        return KernelConfig(min(self.block_m, block), min(self.block_n, block), self.num_warps,
+    def fit(self, block: int, dtype: torch.dtype) -> "KernelConfig":
+        """Tiles no larger than the logical block; fp32 tiles halved to fit shared memory."""
+        cap = 64 if dtype == torch.float32 else 256
+        return KernelConfig(min(self.block_m, block, cap), min(self.block_n, block, cap),
+                            self.num_warps, min(self.num_stages, 2) if cap == 64 else
                             self.num_stages)
 
 
@@ -373,7 +395,7 @@ def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: 
     B, H, N, D = q.shape
     G = H // k.shape[1]
     nb = index.full_kv_cnt.shape[-1]
-    cfg = cfg.fit(block)
+    cfg = cfg.fit(block, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     dot_f32, precision = _launch_args(q)
@@ -407,7 +429,7 @@ def attention_backward(do, q, k, v, out, lse, key_pos, index: BlockIndex, scale:
 def launch_dq(dq, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: float, block: int,
               cfg: KernelConfig = BWD_DQ_CONFIG) -> None:
     B, H, N, D = q.shape
-    cfg = cfg.fit(block)
+    cfg = cfg.fit(block, q.dtype)
     dot_f32, precision = _launch_args(q)
     _attn_bwd_dq[(B * H, triton.cdiv(N, cfg.block_m))](
         q, k, v, key_pos, do, dq, lse, delta,
@@ -424,7 +446,7 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
                 block: int, cfg: KernelConfig = BWD_DKDV_CONFIG) -> None:
     B, H, N, D = q.shape
     Hkv = k.shape[1]
-    cfg = cfg.fit(block)
+    cfg = cfg.fit(block, q.dtype)
     dot_f32, precision = _launch_args(q)
     _attn_bwd_dkdv[(B * Hkv, triton.cdiv(N, cfg.block_n))](
         q, k, v, key_pos, do, dk, dv, lse, delta,

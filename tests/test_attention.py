@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from attention_checks import random_qkv, relative_errors
 from kernels import PBSPlan, block_sparse_attention, pbs_attention
 
+# Triton runs on the GPU when there is one, else under the interpreter (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_torch_backend_matches_reference_and_threshold_one_is_causal():
     q, k, v = random_qkv(2, 4, 2, 300, 32)
@@ -34,7 +37,7 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-D{}-b{}-S{}-t{}".format(*c))
 def test_triton_kernels_match_float64_reference(case):
     B, Hq, Hkv, N, D, b, S, tau = case
-    q, k, v = random_qkv(B, Hq, Hkv, N, D)
+    q, k, v = random_qkv(B, Hq, Hkv, N, D, device=DEVICE)
     plan, errors = relative_errors(q, k, v, threshold=tau, block_size=b, segment_size=S,
                                    backend="triton")
     assert max(errors.values()) < 1e-5, errors
@@ -45,7 +48,7 @@ def test_triton_kernels_match_float64_reference(case):
 
 
 def test_triton_threshold_one_equals_causal_attention():
-    q, k, v = random_qkv(1, 4, 2, 140, 64)
+    q, k, v = random_qkv(1, 4, 2, 140, 64, device=DEVICE)
     out = pbs_attention(q, k, v, block_size=16, segment_size=32, threshold=1.0, backend="triton")
     dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                            is_causal=True)
@@ -54,14 +57,14 @@ def test_triton_threshold_one_equals_causal_attention():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
 def test_triton_half_precision_with_outliers(dtype, tol):
-    q, k, v = random_qkv(1, 4, 2, 160, 64, dtype=dtype, outliers=True)
+    q, k, v = random_qkv(1, 4, 2, 160, 64, dtype=dtype, outliers=True, device=DEVICE)
     _, errors = relative_errors(q, k, v, threshold=0.8, block_size=16, segment_size=32,
                                 backend="triton")
     assert max(errors.values()) < tol, errors
 
 
 def test_triton_without_permutation_and_forced_density():
-    q, k, v = random_qkv(1, 2, 1, 256, 64)
+    q, k, v = random_qkv(1, 2, 1, 256, 64, device=DEVICE)
     plan, errors = relative_errors(q, k, v, block_size=16, segment_size=32, permute=False,
                                    density=0.3, backend="triton")
     assert torch.equal(plan.key_perm, torch.arange(256).expand(1, 1, 256))
@@ -76,6 +79,9 @@ def test_rows_without_allowed_keys_give_zero_not_nan(backend):
     mask = torch.ones(4, 4).tril().bool()
     mask[1, :] = False
     plan = PBSPlan(torch.arange(N).expand(B, H, N).clone(), mask.expand(B, H, 4, 4).clone(), b, b)
+    if backend == "triton":
+        q, k, v = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))
+        plan = PBSPlan(plan.key_perm.to(DEVICE), plan.block_mask.to(DEVICE), b, b)
     out = block_sparse_attention(q, k, v, plan, backend=backend)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
@@ -84,7 +90,7 @@ def test_rows_without_allowed_keys_give_zero_not_nan(backend):
 
 
 def test_triton_backward_is_deterministic():
-    q, k, v = random_qkv(1, 4, 1, 128, 64)
+    q, k, v = random_qkv(1, 4, 1, 128, 64, device=DEVICE)
     grads = []
     for _ in range(2):
         for x in (q, k, v):
@@ -121,3 +127,14 @@ def test_bad_input_raises_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         pbs_attention(**args)
+
+
+def test_block_index_lists_are_compacted_rows_in_order():
+    from kernels.triton_attention import _compact
+    mask = torch.rand(2, 3, 9, 13) > 0.6
+    for m in (mask, mask.transpose(-1, -2)):
+        count, idx = _compact(m.to(DEVICE))
+        for row, c, ids in zip(m.reshape(-1, m.shape[-1]), count.flatten(),
+                               idx.reshape(-1, m.shape[-1])):
+            want = torch.nonzero(row).flatten()
+            assert c.item() == len(want) and torch.equal(ids[:c].cpu().long(), want)
