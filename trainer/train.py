@@ -171,11 +171,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logger = WandbLogger(cfg, run_dir, rank)
     sampler = BatchSampler(train_ds, tr.seed, tr.micro_batch_size, tr.grad_accum, world, rank)
     tokens_per_step = tr.micro_batch_size * tr.grad_accum * world * cfg.data.seq_len
-    peak = peak_flops(device)
     log.info("run folder %s | %d ranks on %s | bf16=%s | ZeRO-%d | %.1fM params | attention=%s",
              run_dir, world, device.type, bf16, cfg.deepspeed.stage,
-             sum(p.numel() for p in lm.parameters()) / 1e6 if cfg.deepspeed.stage != 3
-             else float("nan"), cfg.attention.impl)
+             sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters()) / 1e6,
+             cfg.attention.impl)
 
     first_eval = {}
     if eval_sets and start_step == 0:
@@ -210,21 +209,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             dist.all_reduce(loss_acc)
             densities = tracker.reduce()
             dt = (time.perf_counter() - t_log) / steps_since_log
-            tps = tokens_per_step / dt
-            last = {"train/loss": loss_acc.item() / world / steps_since_log,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm) if own_grad_norm
-                    else _grad_norm(engine),
-                    "train/tokens_seen": tokens_seen, "perf/step_time_s": dt,
-                    "perf/tokens_per_sec": tps, "perf/tokens_per_sec_per_gpu": tps / world,
-                    "mem/peak_gb": peak_memory_gb(device)}
-            tflops = flops_per_token(lm.config, cfg.data.seq_len, densities) * tps / world
-            last["perf/tflops_per_gpu"] = tflops / 1e12
-            if peak is not None:
-                last["perf/mfu"] = tflops / peak
-            if densities:
-                last["attn/density"] = sum(densities.values()) / len(densities)
-                last.update({f"attn/density/layer_{i:02d}": d for i, d in densities.items()})
+            norm = float(grad_norm) if own_grad_norm else _grad_norm(engine)
+            last = train_metrics(loss_acc.item() / world / steps_since_log,
+                                 scheduler.get_last_lr()[0], norm, tokens_seen, dt,
+                                 tokens_per_step, world, densities, device,
+                                 flops_per_token(lm.config, cfg.data.seq_len, densities))
+            tps = last["perf/tokens_per_sec"]
             logger.log(last, step=done)
             if draw:
                 logger.log_block_mask(tracker.last_plan, done, tracker.image_layer)
@@ -256,6 +246,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_summary(summary, first_eval, run_dir)
     logger.finish(summary)
     return summary
+
+
+def train_metrics(loss: float, lr: float, grad_norm: float, tokens_seen: int, step_time: float,
+                  tokens_per_step: int, world: int, densities: dict[int, float],
+                  device: torch.device, flops_per_tok: float) -> dict[str, float]:
+    """The W&B keys of one log step (MFU only on GPUs with a known peak)."""
+    tps = tokens_per_step / step_time
+    tflops = flops_per_tok * tps / world / 1e12
+    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+               "train/tokens_seen": tokens_seen, "perf/step_time_s": step_time,
+               "perf/tokens_per_sec": tps, "perf/tokens_per_sec_per_gpu": tps / world,
+               "perf/tflops_per_gpu": tflops, "mem/peak_gb": peak_memory_gb(device)}
+    peak = peak_flops(device)
+    if peak is not None:
+        metrics["perf/mfu"] = tflops * 1e12 / peak
+    if densities:
+        metrics["attn/density"] = sum(densities.values()) / len(densities)
+        metrics.update({f"attn/density/layer_{i:02d}": d for i, d in densities.items()})
+    return metrics
 
 
 def _grad_norm(engine) -> float:
