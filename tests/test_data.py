@@ -60,8 +60,8 @@ def test_passkey_items(tok, num_keys):
         text = tok.decode(item["input_ids"].tolist())
         assert text.count("The pass key for ") == num_keys + 1
         name = text.rsplit("What is the pass key for ", 1)[1].split("?")[0]
-        assert f"The pass key for {name} is {answer}." in text
-        assert text.endswith(f"? The pass key for {name} is {answer}<eos>")
+        assert f"The pass key for {name} is #{answer}." in text
+        assert text.endswith(f"? The pass key for {name} is #{answer}<eos>")
     assert torch.equal(a["input_ids"], build_train_dataset(cfg, tok, seed=3)[7]["input_ids"])
     assert not torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(a["input_ids"], build_train_dataset(cfg, tok, seed=4)[7]["input_ids"])

@@ -59,7 +59,7 @@ class PasskeyDataset(Dataset):
     """Filler text with ``num_keys`` "The pass key for <name> is <digits>." lines at random
     depths, ending with a question about one name and its answer, exactly ``seq_len`` tokens:
 
-        <bos> filler.. key line.. filler.. \\nWhat is the pass key for <name>? The pass key for <name> is <digits><eos>
+        <bos> filler.. key line.. filler.. \\nWhat is the pass key for <name>? The pass key for <name> is #<digits><eos>
 
     Item ``i`` depends only on (seed, split, i).
     """
@@ -94,12 +94,13 @@ class PasskeyDataset(Dataset):
 
     @staticmethod
     def _key_line(name: str, value: str) -> str:
-        return f" The pass key for {name} is {value}. Remember it."
+        return f" The pass key for {name} is #{value}. Remember it."
 
     @staticmethod
     def _question(name: str) -> str:
-        # Ends like the key line, so the answer follows the same context (an induction-head copy).
-        return f"\nWhat is the pass key for {name}? The pass key for {name} is "
+        # Ends like the key line, so the answer follows the same context (an induction-head copy);
+        # "#" occurs only before pass keys: a one-token prefix to match.
+        return f"\nWhat is the pass key for {name}? The pass key for {name} is #"
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.length:
