@@ -7,9 +7,11 @@ as device tensors and reduced once per log step, so the train loop adds no devic
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -30,6 +32,21 @@ class AttentionConfig:
     dense_layers: list[int] = field(default_factory=list)  # layer indices kept on SDPA
     backend: str = "auto"  # kernels backend: "auto" | "triton" | "torch"
     image_layer: int = -1  # layer whose block mask is drawn (-1: last PBS layer)
+    sdpa_backend: str = "auto"  # torch SDPA backend of dense layers: auto|cudnn|flash|efficient|math
+
+
+_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sdpa_backend_context(name: str) -> contextlib.AbstractContextManager:
+    """Pin torch SDPA to one backend (``auto``: torch's own choice) for forward + backward."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    if name not in _SDPA_BACKENDS:
+        raise ValueError(f"attention.sdpa_backend must be auto or one of {sorted(_SDPA_BACKENDS)}, "
+                         f"got {name!r}")
+    return sdpa_kernel([_SDPA_BACKENDS[name]])
 
 
 class DensityTracker:

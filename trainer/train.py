@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .attention import install_attention
+from .attention import install_attention, sdpa_backend_context
 from .config import register_configs
 from .data import answer_logit_positions, build_eval_dataset, build_train_dataset, retrieval_accuracy
 from .engine import (build_engine, deepspeed_config, export_hf, find_resume_checkpoint,
@@ -194,8 +194,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracker.capture_plan = bool(draw)
         for micro in range(tr.grad_accum):
             batch = sampler.batch(step, micro)
-            loss = engine(batch["input_ids"].to(device), batch["labels"].to(device))
-            engine.backward(loss)
+            with sdpa_backend_context(cfg.attention.sdpa_backend):
+                loss = engine(batch["input_ids"].to(device), batch["labels"].to(device))
+                engine.backward(loss)
             if own_grad_norm and micro == tr.grad_accum - 1:
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in engine.module.parameters() if p.grad is not None])
@@ -236,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     final_eval = evaluate(engine, eval_sets, tr.micro_batch_size, device) if eval_sets else {}
     logger.log(final_eval, step=tr.max_steps)
-    if saved_step != tr.max_steps:
+    if tr.save_final and saved_step != tr.max_steps:
         save_checkpoint(engine, ckpt_dir, tr.max_steps,
                         _client_state(tr.max_steps, tokens_seen, world), tr.keep_checkpoints)
     if tr.export_hf:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 
@@ -62,6 +63,8 @@ class WandbLogger:
             mode = "online" if _has_credentials() else "offline"
         self.run = None
         self._warned_no_matplotlib = False
+        # Machine-readable copy of every logged dict (rank 0, any W&B mode): <run>/metrics.jsonl
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 else None
         if rank != 0 or mode == "disabled":
             return
         import wandb
@@ -75,6 +78,9 @@ class WandbLogger:
                   f"wandb sync {os.path.dirname(self.run.dir)}", flush=True)
 
     def log(self, metrics: dict, step: int) -> None:
+        if self._jsonl is not None and metrics:
+            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._jsonl.flush()
         if self.run is not None:
             self.run.log(metrics, step=step)
 
@@ -98,6 +104,8 @@ class WandbLogger:
         plt.close(fig)
 
     def finish(self, summary: dict) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self.run is not None:
             self.run.summary.update(summary)
             self.run.finish()
