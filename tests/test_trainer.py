@@ -148,13 +148,17 @@ def test_wandb_offline_run_has_the_keys(finished_run):
 
 
 def test_resume_replays_the_same_losses(finished_run):
-    """Copy the run's checkpoints, roll ``latest`` back to step 3 (as if the job died after that
-    save) and resume: steps 4-6 must give the uninterrupted run's losses."""
+    """Copy the run's checkpoints, roll ``latest`` back to step 3 and leave a half-written step 4
+    (as if the job died while saving) and resume: steps 4-6 give the uninterrupted run's losses."""
     tmp, out, _ = finished_run
     (run,) = run_dirs(out)
     resumed = tmp / "resumed"
     shutil.copytree(run / "checkpoints", resumed / "crashed" / "checkpoints")
     (resumed / "crashed" / "checkpoints" / "latest").write_text("step_00000003")
+    shutil.rmtree(resumed / "crashed" / "checkpoints" / "step_00000006")
+    partial = resumed / "crashed" / "checkpoints" / "step_00000004"  # a save cut short
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     check(run_job([*TINY, "trainer.max_steps=6", "trainer.resume=auto",
                    f"trainer.output_dir={resumed}", "logging.wandb.mode=disabled",
                    "trainer.export_hf=false"], tmp))
