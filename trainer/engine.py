@@ -169,8 +169,8 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict:
 
 
 def export_hf(engine, lm, tokenizer, out_dir: str, ckpt_dir: str | None) -> None:
-    """``save_pretrained`` (safetensors) + tokenizer on rank 0; ZeRO-3 weights are gathered
-    (16-bit gather on GPU, fp32 rebuild from the just-saved checkpoint otherwise)."""
+    """``save_pretrained`` (safetensors) + tokenizer on rank 0. Under ZeRO-3 the full fp32 weights
+    are rebuilt from the just-saved checkpoint's shards (DeepSpeed's zero_to_fp32)."""
     rank0 = dist.get_rank() == 0
     state = None
     if engine.zero_optimization_stage() == 3:

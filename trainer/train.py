@@ -88,10 +88,10 @@ def evaluate(engine, eval_sets: dict, micro_bs: int, device: torch.device) -> di
             if keep.any():
                 correct, total = retrieval_accuracy(logits[keep], sub)
                 stats += torch.tensor([correct, total, 0, 0], dtype=torch.float64, device=device)
-                for i in keep.nonzero().flatten().tolist():
-                    loss = model.loss_from_hidden(hidden[i:i + 1], batch["labels"][i:i + 1])
-                    stats[2:] += torch.stack([loss.double(), torch.ones((), device=device,
-                                                                         dtype=torch.float64)])
+            for i in range(micro_bs):  # same number of LM-head calls on every rank (ZeRO-3)
+                loss = model.loss_from_hidden(hidden[i:i + 1], batch["labels"][i:i + 1])
+                if valid[i]:
+                    stats[2:] += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
         dist.all_reduce(stats)
         metrics[f"eval/retrieval_acc/len_{seq_len:05d}"] = (stats[0] / stats[1]).item()
         metrics[f"eval/loss/len_{seq_len:05d}"] = (stats[2] / stats[3]).item()
