@@ -43,15 +43,17 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
+    use_triton = backend == "triton"
     with torch.no_grad():
         if permute:
-            key_perm = segment_permutation(q.detach(), k.detach(), block_size, segment_size, scale)
+            key_perm = segment_permutation(q.detach(), k.detach(), block_size, segment_size, scale,
+                                           use_triton)
         else:
             key_perm = identity_permutation(k)
     k_perm = permute_keys(k, key_perm)
     with torch.no_grad():
         block_mask = select_blocks(q.detach(), k_perm.detach(), key_perm, block_size,
-                                   segment_size, threshold, sink, scale, density)
+                                   segment_size, threshold, sink, scale, density, use_triton)
     plan = PBSPlan(key_perm, block_mask, block_size, segment_size)
     out = _attend(q, k, v, k_perm, plan, scale, backend)
     return (out, plan) if return_plan else out

@@ -56,13 +56,14 @@ def same_segment(nb: int, block_size: int, segment_size: int,
 
 
 def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segment_size: int,
-                        scale: float) -> torch.Tensor:
+                        scale: float, use_triton: bool = False) -> torch.Tensor:
     """Key order inside each complete segment, most important key first.
 
     Importance of a key = softmax attention it gets from the last ``block_size`` queries
     (no causal mask, over the keys of all complete segments), averaged over those queries and
     over the G query heads that share its KV head. Returns int64 (B, Hkv, N); the incomplete
-    tail segment (and every N <= segment_size) keeps identity order.
+    tail segment (and every N <= segment_size) keeps identity order. ``use_triton`` computes
+    the importance with Triton kernels that never hold the (G*b, N) scores.
     """
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
@@ -73,17 +74,19 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
         return key_perm
 
     nq = min(block_size, N)
-    q_last = q[:, :, N - nq:, :].reshape(B, Hkv, G * nq, D) * scale
+    q_last = q[:, :, N - nq:, :].reshape(B, Hkv, G * nq, D)
     k_seg = k[:, :, :n_complete, :]
-    importance = torch.empty(B, Hkv, n_complete, device=k.device, dtype=torch.float32)
-    bytes_per_head = B * G * nq * n_complete * k.element_size()
-    heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // bytes_per_head)
-    for h0 in range(0, Hkv, heads_per_chunk):
-        h1 = min(Hkv, h0 + heads_per_chunk)
-        # Scores and probabilities in the input dtype (fp32 accumulation inside): a ranking
-        # needs no more, and half precision halves the memory traffic of this pass.
-        scores = torch.matmul(q_last[:, h0:h1], k_seg[:, h0:h1].transpose(-1, -2))
-        importance[:, h0:h1] = torch.softmax(scores, dim=-1).mean(dim=-2, dtype=torch.float32)
+    if use_triton:
+        from .triton_plan import key_importance
+        importance = key_importance(q_last, k_seg, scale)
+    else:
+        importance = torch.empty(B, Hkv, n_complete, device=k.device, dtype=torch.float32)
+        rows_bytes = B * G * nq * n_complete * k.element_size()
+        heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // rows_bytes)
+        for h0 in range(0, Hkv, heads_per_chunk):
+            h1 = min(Hkv, h0 + heads_per_chunk)
+            scores = torch.matmul(q_last[:, h0:h1] * scale, k_seg[:, h0:h1].transpose(-1, -2))
+            importance[:, h0:h1] = torch.softmax(scores, -1).mean(dim=-2, dtype=torch.float32)
 
     n_seg = n_complete // segment_size
     order = torch.argsort(importance.view(B, Hkv, n_seg, segment_size), dim=-1,
@@ -108,14 +111,14 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor, block_size: int,
                   segment_size: int, threshold: float, sink: bool, scale: float,
-                  density: float | None = None) -> torch.Tensor:
+                  density: float | None = None, use_triton: bool = False) -> torch.Tensor:
     """Bool block mask (B, Hq, nb, nb) over (query block, permuted key block).
 
-    Off-segment key blocks are ranked by softmax(pooled_q . pooled_k * scale) and kept while
-    the cumulative score of the blocks ranked before them is below ``threshold`` (or, when
-    ``density`` is given, the top ``ceil(density * causal_blocks)`` minus the always-computed
-    ones). The sink block and every key block of the query block's own segment that holds a
-    key at or before the block's last query are always kept.
+    Off-segment key blocks are ranked by softmax(pooled_q . pooled_k * scale) and the smallest
+    top set whose mass reaches ``threshold`` is kept (or, when ``density`` is given, the top
+    ``ceil(density * causal_blocks)`` minus the always-computed ones). The sink block and every
+    key block of the query block's own segment that holds a key at or before the block's last
+    query are always kept. ``use_triton`` selects with a Triton kernel (same result).
     """
     B, Hq, N, D = q.shape
     Hkv = k_perm.shape[1]
@@ -129,22 +132,26 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor,
 
     diag = same_segment(nb, block_size, segment_size, device)
     blk = torch.arange(nb, device=device)
-    off_segment = (blk[None, :] < blk[:, None]) & ~diag  # strictly earlier segments
-    scores = scores.masked_fill(~off_segment, float("-inf"))
+    n_allowed = (blk * block_size // segment_size) * (segment_size // block_size)
+    off_segment = blk[None, :] < n_allowed[:, None]  # key blocks of strictly earlier segments
+    budget = None
+    if density is not None:
+        always = (diag & (blk[None, :] <= blk[:, None])).sum(-1) + int(sink)
+        budget = (torch.ceil(density * (blk + 1).float()) - always).clamp_(min=0)
 
     if density is None and threshold >= 1.0:
         keep = off_segment.expand(B, Hq, nb, nb).clone()
+    elif use_triton:
+        from .triton_plan import select_rows
+        keep = select_rows(scores, n_allowed, threshold, budget)
     else:
+        scores = scores.masked_fill(~off_segment, float("-inf"))
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        if density is None:
+        if budget is None:
             probs = torch.softmax(sorted_scores, dim=-1).nan_to_num_(0.0)
             before = torch.cumsum(probs, dim=-1) - probs  # mass of the blocks ranked higher
             keep_sorted = before < threshold
         else:
-            causal_blocks = (blk + 1).float()
-            always = (diag & (blk[None, :] <= blk[:, None])).sum(-1).float() + (
-                1.0 if sink else 0.0)
-            budget = (torch.ceil(density * causal_blocks) - always).clamp_(min=0)
             keep_sorted = blk[None, :].float() < budget[:, None]
         keep_sorted = keep_sorted & torch.isfinite(sorted_scores)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)

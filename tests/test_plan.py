@@ -142,3 +142,17 @@ def test_permutation_lowers_density_on_structured_attention():
                                 permute=permute, return_plan=True, backend="torch")
         dens[permute] = plan.density
     assert dens[True] < 0.9 * dens[False], dens
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 600, 64, 32, 64), (2, 2, 1, 300, 32, 16, 64)])
+def test_triton_planning_kernels_equal_the_torch_plan(shape):
+    """Importance (two-pass, no score matrix) and bisection selection vs sort-based torch."""
+    B, Hq, Hkv, N, D, b, S = shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    perm = segment_permutation(q, k, b, S, D ** -0.5)
+    assert torch.equal(perm, segment_permutation(q, k, b, S, D ** -0.5, use_triton=True))
+    k_perm = torch.gather(k, 2, perm[..., None].expand_as(k))
+    for threshold, density in ((0.5, None), (0.95, None), (0.9, 0.3), (0.9, 0.05)):
+        args = (q, k_perm, perm, b, S, threshold, True, D ** -0.5, density)
+        assert torch.equal(select_blocks(*args), select_blocks(*args, use_triton=True))
