@@ -1,0 +1,119 @@
+"""Run the project's trainer (``python -m trainer.train``) as a subprocess and read its metrics.
+
+Each run writes ``<output_dir>/<run_id>/metrics.jsonl`` (one JSON object per logged step, the
+W&B keys); :func:`run_trainer` returns those rows with the exit status and an error summary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+
+REPO = Path(__file__).resolve().parent.parent
+# Quiet, no W&B, no block-mask images, no progress bar: only the metrics file matters here.
+QUIET = ["logging.wandb.mode=disabled", "logging.image_every=0", "logging.progress_bar=false"]
+
+
+@dataclass
+class TrainerRun:
+    """Outcome of one trainer subprocess."""
+
+    status: str  # "ok" | "oom" | "error" | "timeout"
+    wall_s: float
+    run_dir: str
+    rows: list[dict] = field(default_factory=list)
+    error: str = ""
+
+    def train_rows(self) -> list[dict]:
+        return [r for r in self.rows if "train/loss" in r]
+
+    def last(self, prefix: str) -> dict:
+        """The last logged row holding a key that starts with ``prefix``."""
+        hits = [r for r in self.rows if any(k.startswith(prefix) for k in r)]
+        return hits[-1] if hits else {}
+
+
+def run_trainer(overrides: list[str], output_dir: str, run_id: str,
+                timeout_s: float) -> TrainerRun:
+    """``python -m trainer.train <overrides>`` into ``output_dir/run_id``; never raises on failure."""
+    run_dir = Path(output_dir) / run_id
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    env = {**os.environ, "PBS_RUN_ID": run_id}
+    cmd = [sys.executable, "-m", "trainer.train", f"trainer.output_dir={output_dir}", *QUIET,
+           *overrides]
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=max(1.0, timeout_s))
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        partial = e.stdout or ""
+        rc, out = None, partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+    wall = time.perf_counter() - t0
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if rc == 0:
+        return TrainerRun("ok", wall, str(run_dir), rows)
+    status = "timeout" if rc is None else "error"
+    if "out of memory" in out.lower() or "OutOfMemoryError" in out:
+        status = "oom"
+    print(out[-3000:], flush=True)
+    return TrainerRun(status, wall, str(run_dir), rows, error_line(out) or status)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def error_line(output: str) -> str:
+    """The last line that looks like an exception message (for the results table)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln.lower()]
+    return (errors or lines or [""])[-1][:300]
+
+
+def median_of(rows: list[dict], key: str, skip: int) -> float | None:
+    """Median of ``key`` over ``rows[skip:]`` (warm-up rows excluded)."""
+    values = [r[key] for r in rows[skip:] if key in r]
+    return median(values) if values else None
+
+
+def environment() -> dict:
+    """Card, versions, commit and date for the results files."""
+    import torch
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": sys.version.split()[0],
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        info["commit"] = "unknown"
+    return info
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    fmt = [[f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in r]
+           for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in fmt])
