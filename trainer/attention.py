@@ -89,14 +89,16 @@ class _LayerSettings:
 def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           scaling: float | None = None, dropout: float = 0.0, **kwargs):
-    """``transformers`` attention function: (B, Hq, N, D) in, ((B, N, Hq, D), None) out."""
+    """``transformers`` attention function: (B, Hq, N, D) in, ((B, N, Hq, D), None) out.
+
+    Causal over the whole sequence: transformers passes no mask to a custom implementation, so
+    right padding (labels -100) is fine, left padding or packed documents are not separated.
+    """
     settings: _LayerSettings | None = getattr(module, "pbs_settings", None)
     if settings is None or query.shape[2] != key.shape[2]:
         # Not installed (dense layer) or incremental decoding: dense causal attention.
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("PBS attention supports causal attention over unpadded sequences only")
     cfg = settings.cfg
     out, plan = pbs_attention(query, key, value, block_size=cfg.block_size,
                               segment_size=cfg.segment_size, threshold=cfg.threshold,

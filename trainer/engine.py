@@ -6,6 +6,7 @@ import glob
 import math
 import os
 import shutil
+import socket
 
 import deepspeed
 import torch
@@ -18,9 +19,12 @@ LATEST = "latest"
 
 def init_distributed(device: str) -> torch.device:
     """Join (or, for plain ``python -m``, create) the process group; returns this rank's device."""
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
+    if "WORLD_SIZE" not in os.environ:  # plain `python -m`: a group of one on a free port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT",
+                          str(port)), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
