@@ -1,0 +1,221 @@
+"""Accuracy kept by PBS, on a small Llama trained here (all through ``python -m trainer.train``).
+
+Stage A: train a small Llama (GQA, head_dim 64) densely on passkey retrieval at ``--len-a``;
+         exports ``<runs-dir>/A/hf``.
+Stage B: evaluate that export, no training, with dense SDPA and PBS at each ``--thresholds``
+         (with and without permutation) at every ``--lens-b``: retrieval accuracy, eval loss,
+         density per layer (from one optimizer step at lr 0, which leaves the weights unchanged).
+Stage C: continue training the export at ``--len-c`` with dense vs PBS vs PBS ``permute=false``
+         (same steps, data and seed): retrieval accuracy, eval loss, density per layer.
+
+    python3 -m bench.accuracy --stage A
+    python3 -m bench.accuracy --stage B          # reads <runs-dir>/A/hf (or --model-path)
+    python3 -m bench.accuracy --stage C
+
+Each stage stores its results in ``--out`` under its letter (stage B rows merge by name and length,
+so ``--lens-b`` can be split over several calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.runner import (TrainerRun, environment, load_json, markdown_table, run_trainer,
+                          save_json)
+
+PBS = ["attention=pbs", "attention.block_size=64", "attention.segment_size=256"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--stage", required=True, choices=["A", "B", "C"])
+    p.add_argument("--layers", type=int, default=4, help="model layers (default 4)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
+    p.add_argument("--heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"),
+                   help="query / KV heads, head_dim 64 (default 4 2)")
+    p.add_argument("--len-a", type=int, default=4096, help="stage A length (default 4096)")
+    p.add_argument("--steps-a", type=int, default=2000, help="stage A steps (default 2000)")
+    p.add_argument("--batch-a", type=int, default=8, help="stage A micro batch (default 8)")
+    p.add_argument("--lr-a", type=float, default=1e-3, help="stage A peak LR (default 1e-3)")
+    p.add_argument("--lens-b", type=int, nargs="+", default=[4096, 16384],
+                   help="stage B lengths (default 4096 16384)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 1.0],
+                   help="stage B thresholds (default 0.5 0.7 0.9 0.95 1.0)")
+    p.add_argument("--len-c", type=int, default=16384, help="stage C length (default 16384)")
+    p.add_argument("--steps-c", type=int, default=400, help="stage C steps (default 400)")
+    p.add_argument("--batch-c", type=int, default=2, help="stage C micro batch (default 2)")
+    p.add_argument("--lr-c", type=float, default=3e-4, help="stage C peak LR (default 3e-4)")
+    p.add_argument("--threshold-c", type=float, default=0.9, help="stage C threshold (default 0.9)")
+    p.add_argument("--eval-samples", type=int, default=64, help="passkey items per eval length")
+    p.add_argument("--budget-s", type=float, default=480,
+                   help="stage B/C: runs that would start after this many seconds are skipped")
+    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    p.add_argument("--runs-dir", default="runs/accuracy",
+                   help="trainer output_dir (default runs/accuracy; stage A exports to <it>/A/hf)")
+    p.add_argument("--model-path", default=None, help="stage B/C checkpoint (default <runs-dir>/A/hf)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/accuracy.json"),
+                   help="JSON results, one key per stage (default bench/results/accuracy.json)")
+    return p.parse_args(argv)
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    hq, hkv = args.heads
+    longest = max(args.len_a, args.len_c, *args.lens_b)
+    return ["model=tiny", f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
+            f"model.intermediate_size={3 * args.hidden}", f"model.num_heads={hq}",
+            f"model.num_kv_heads={hkv}", "model.head_dim=64",
+            f"model.max_position_embeddings={longest}"]
+
+
+def common(seq_len: int, eval_lens: list[int], steps: int, batch: int, lr: float,
+           samples: int) -> list[str]:
+    return ["data=passkey", f"data.seq_len={seq_len}", f"data.eval_seq_lens=[{','.join(map(str, eval_lens))}]",
+            f"data.eval_samples={samples}", f"trainer.max_steps={steps}",
+            f"trainer.micro_batch_size={batch}", "trainer.gradient_checkpointing=false",
+            "trainer.save_final=false", f"optim.lr={lr}", "optim.warmup_steps=" + str(
+                min(100, max(1, steps // 10)))]
+
+
+def summarize(run: TrainerRun, name: str, eval_lens: list[int], tail: int = 10) -> dict:
+    """Final retrieval/loss per eval length, train loss, density per layer (mean of the last
+    ``tail`` logged steps)."""
+    train = run.train_rows()
+    final = run.last("eval/")
+    row: dict = {"name": name, "status": run.status, "error": run.error,
+                 "wall_s": round(run.wall_s, 1), "steps": len(train)}
+    for n in eval_lens:
+        row[f"acc_{n}"] = final.get(f"eval/retrieval_acc/len_{n:05d}")
+        row[f"loss_{n}"] = final.get(f"eval/loss/len_{n:05d}")
+    if train:
+        last = train[-tail:]
+        row["train_loss"] = last[-1]["train/loss"]
+        row["step_time_s"] = sum(r["perf/step_time_s"] for r in last) / len(last)
+        layers = sorted(k for k in last[-1] if k.startswith("attn/density/layer_"))
+        row["density_per_layer"] = [sum(r[k] for r in last) / len(last) for k in layers]
+        row["density"] = (sum(row["density_per_layer"]) / len(layers)) if layers else 1.0
+    first = next((r for r in run.rows if r.get("step") == 0 and "eval/retrieval_acc" in r), None)
+    if first:
+        row["acc_before"] = first["eval/retrieval_acc"]
+    return row
+
+
+def stage_a(args: argparse.Namespace) -> dict:
+    over = model_overrides(args) + common(args.len_a, [args.len_a], args.steps_a, args.batch_a,
+                                          args.lr_a, args.eval_samples)
+    over += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 4)}",
+             "trainer.export_hf=true", *args.extra]
+    run = run_trainer(over, args.runs_dir, "A", timeout_s=10**6)
+    row = summarize(run, "dense", [args.len_a])
+    row["export"] = str(Path(run.run_dir) / "hf")
+    row["curve"] = [(r["step"], r["eval/retrieval_acc"]) for r in run.rows
+                    if "eval/retrieval_acc" in r]
+    return {"settings": vars_of(args), "rows": [row]}
+
+
+def stage_b(args: argparse.Namespace, model_path: str) -> dict:
+    t0, rows = time.perf_counter(), []
+    for n in args.lens_b:
+        base = [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
+                "trainer.export_hf=false"]
+        configs = [("dense", None, ["attention=sdpa"])]
+        for t in args.thresholds:
+            for permute in (True, False):
+                configs.append((f"pbs_t{t}" + ("" if permute else "_nopermute"), t,
+                                PBS + [f"attention.threshold={t}", f"attention.permute={permute}"]))
+        for name, t, attn in configs:
+            left = args.budget_s - (time.perf_counter() - t0)
+            if left < 30:
+                rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
+                             "error": "budget"})
+                continue
+            run = run_trainer(base + attn + args.extra, args.runs_dir, f"B-{name}-{n}", left)
+            row = summarize(run, name, [n])
+            row.update(seq_len=n, threshold=t, permute="nopermute" not in name,
+                       acc=row.pop(f"acc_{n}"), loss=row.pop(f"loss_{n}"))
+            rows.append(row)
+    return {"settings": vars_of(args), "model_path": model_path, "rows": rows}
+
+
+def stage_c(args: argparse.Namespace, model_path: str) -> dict:
+    t0, rows = time.perf_counter(), []
+    eval_lens = sorted({args.len_a, args.len_c})
+    base = [f"model.path={model_path}", *common(args.len_c, eval_lens, args.steps_c, args.batch_c,
+                                                 args.lr_c, args.eval_samples),
+            "trainer.eval_every=0", "trainer.export_hf=false"]
+    pbs = PBS + [f"attention.threshold={args.threshold_c}"]
+    for name, attn in (("dense", ["attention=sdpa"]), ("pbs", pbs + ["attention.permute=true"]),
+                       ("pbs_nopermute", pbs + ["attention.permute=false"])):
+        left = args.budget_s - (time.perf_counter() - t0)
+        run = run_trainer(base + attn + args.extra, args.runs_dir, f"C-{name}", left)
+        rows.append(summarize(run, name, eval_lens))
+    return {"settings": vars_of(args), "model_path": model_path, "eval_lens": eval_lens,
+            "rows": rows}
+
+
+def vars_of(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def table(stage: str, res: dict) -> str:
+    rows = res["rows"]
+    if stage == "B":
+        header = ["seq_len", "attention", "threshold", "status", "retrieval acc", "eval loss",
+                  "density", "density per layer"]
+        body = [[r.get("seq_len"), r["name"], r.get("threshold"), r["status"], r.get("acc"),
+                 r.get("loss"), r.get("density"), _layers(r)] for r in rows]
+        return markdown_table(header, body) + "\n\n" + permutation_gain(rows)
+    lens = res.get("eval_lens") or [res["settings"]["len_a"]]
+    header = ["attention", "status", *[f"acc@{n}" for n in lens], *[f"loss@{n}" for n in lens],
+              "train loss", "density", "density per layer", "step s"]
+    body = [[r["name"], r["status"], *[r.get(f"acc_{n}") for n in lens],
+             *[r.get(f"loss_{n}") for n in lens], r.get("train_loss"), r.get("density"),
+             _layers(r), r.get("step_time_s")] for r in rows]
+    text = markdown_table(header, body)
+    return text + ("\n\n" + permutation_gain(rows) if stage == "C" else "")
+
+
+def _layers(row: dict) -> str:
+    return " ".join(f"{d:.2f}" for d in row.get("density_per_layer", [])) or "-"
+
+
+def permutation_gain(rows: list[dict]) -> str:
+    """Density with vs without permutation at equal threshold (relative reduction)."""
+    lines = []
+    for r in rows:
+        if r["name"].startswith("pbs") and "nopermute" not in r["name"] and "density" in r:
+            twin = next((x for x in rows if x["name"] == r["name"] + "_nopermute"
+                         and x.get("seq_len") == r.get("seq_len") and "density" in x), None)
+            if twin:
+                gain = 1 - r["density"] / twin["density"]
+                lines.append(f"- {r['name']} at {r.get('seq_len', 'len_c')}: density "
+                             f"{r['density']:.3f} with permutation vs {twin['density']:.3f} "
+                             f"without ({gain:+.1%} relative reduction)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    model_path = args.model_path or str(Path(args.runs_dir) / "A" / "hf")
+    if args.stage != "A" and not (Path(model_path) / "config.json").exists():
+        raise SystemExit(f"no stage A export at {model_path}: run --stage A first or pass "
+                         "--model-path")
+    res = {"A": stage_a, "B": stage_b, "C": stage_c}[args.stage](
+        *(args,) if args.stage == "A" else (args, str(Path(model_path).resolve())))
+    res.update(environment())
+    data = load_json(args.out)
+    if args.stage == "B" and "B" in data:  # B can be split by length over several calls
+        new = {(r["name"], r["seq_len"]) for r in res["rows"]}
+        res["rows"] = [r for r in data["B"]["rows"] if (r["name"], r["seq_len"]) not in new] + \
+            res["rows"]
+    data[args.stage] = res
+    save_json(args.out, data)
+    md = table(args.stage, res)
+    args.out.with_name(f"{args.out.stem}_{args.stage}.md").write_text(md + "\n")
+    print(f"\nstage {args.stage} | {res['device']} | commit {res['commit']}\n{md}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
