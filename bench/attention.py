@@ -181,10 +181,11 @@ def pbs_attention_plan_only(q, k, block, segment, threshold, permute):
     from kernels.plan import identity_permutation, segment_permutation, select_blocks
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
-        key_perm = (segment_permutation(q, k, block, segment, scale) if permute
+        key_perm = (segment_permutation(q, k, block, segment, scale, use_triton=True) if permute
                     else identity_permutation(k))
         k_perm = permute_keys(k, key_perm)
-        mask = select_blocks(q, k_perm, key_perm, block, segment, threshold, True, scale)
+        mask = select_blocks(q, k_perm, key_perm, block, segment, threshold, True, scale,
+                             use_triton=True)
         return BlockIndex.from_plan(PBSPlan(key_perm, mask, block, segment))
 
 
@@ -252,6 +253,10 @@ def main(argv=None) -> None:
     flex_fn = None
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
+        # Every plan's mask_mod captures a new tensor: let dynamo keep one graph per plan
+        # instead of falling back to eager flex_attention (which materialises N x N scores).
+        torch._dynamo.config.cache_size_limit = 1024
+        torch._dynamo.config.accumulated_cache_size_limit = 1024
         flex_fn = torch.compile(flex_attention, dynamic=False)
 
     rows = []

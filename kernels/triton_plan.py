@@ -21,7 +21,7 @@ _BISECT_STEPS = 40
 @triton.jit
 def _importance_lse(Q, K, LSE, R, NC, qk_scale, stride_qb, stride_qr, stride_kb, stride_kn,
                     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """Row log2-sum-exp of (q_rows . k) * scale over the NC keys, one (b*hkv, row tile)."""
     pid_bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -38,7 +38,7 @@ def _importance_lse(Q, K, LSE, R, NC, qk_scale, stride_qb, stride_qr, stride_kb,
                      mask=cols[None, :] < NC, other=0.0)
         if DOT_F32:
             kT = kT.to(tl.float32)
-        s = tl.dot(q, kT) * qk_scale
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         s = tl.where(cols[None, :] < NC, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -49,7 +49,7 @@ def _importance_lse(Q, K, LSE, R, NC, qk_scale, stride_qb, stride_qr, stride_kb,
 @triton.jit
 def _importance_sum(Q, K, LSE, IMP, R, NC, qk_scale, stride_qb, stride_qr, stride_kb,
                     stride_kn, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """IMP[key] = mean over rows of exp2(s - lse), one (b*hkv, key tile)."""
     pid_bh = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,7 +66,7 @@ def _importance_sum(Q, K, LSE, IMP, R, NC, qk_scale, stride_qb, stride_qr, strid
         lse = tl.load(LSE + pid_bh * R + rows, mask=rows < R, other=float("inf"))
         if DOT_F32:
             q = q.to(tl.float32)
-        p = tl.math.exp2(tl.dot(q, kT) * qk_scale - lse[:, None])
+        p = tl.math.exp2(tl.dot(q, kT, input_precision=PRECISION) * qk_scale - lse[:, None])
         acc += tl.sum(p, 0)
     tl.store(IMP + pid_bh * NC + cols, acc / R, mask=cols < NC)
 
@@ -80,12 +80,13 @@ def key_importance(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     lse = torch.empty(B * Hkv, R, device=k.device, dtype=torch.float32)
     imp = torch.empty(B * Hkv, NC, device=k.device, dtype=torch.float32)
     dot_f32 = _dot_f32(k)
+    precision = "ieee" if k.dtype == torch.float32 else "tf32"
     common = (R, NC, scale * _LOG2E, q_rows.stride(0), q_rows.stride(1), k.stride(0), k.stride(1))
     _importance_lse[(B * Hkv, triton.cdiv(R, 64))](q_rows, k, lse, *common, HEAD_DIM=D,
-                                                   BLOCK_R=64, BLOCK_N=128, DOT_F32=dot_f32,
+                                                   BLOCK_R=64, BLOCK_N=128, DOT_F32=dot_f32, PRECISION=precision,
                                                    num_warps=8)
     _importance_sum[(B * Hkv, triton.cdiv(NC, 128))](q_rows, k, lse, imp, *common, HEAD_DIM=D,
-                                                     BLOCK_R=64, BLOCK_N=128, DOT_F32=dot_f32,
+                                                     BLOCK_R=64, BLOCK_N=128, DOT_F32=dot_f32, PRECISION=precision,
                                                      num_warps=8)
     return imp.view(B, Hkv, NC)
 

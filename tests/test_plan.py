@@ -150,8 +150,12 @@ def test_triton_planning_kernels_equal_the_torch_plan(shape):
     B, Hq, Hkv, N, D, b, S = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
-    perm = segment_permutation(q, k, b, S, D ** -0.5)
-    assert torch.equal(perm, segment_permutation(q, k, b, S, D ** -0.5, use_triton=True))
+    from kernels.triton_plan import key_importance
+    q_last, n_complete = q[:, :, N - b:].reshape(B, Hkv, Hq // Hkv * b, D), N // S * S
+    want = torch.softmax(q_last @ k[:, :, :n_complete].transpose(-1, -2) * D ** -0.5, -1).mean(-2)
+    got = key_importance(q_last, k[:, :, :n_complete], D ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    perm = segment_permutation(q, k, b, S, D ** -0.5, use_triton=True)
     k_perm = torch.gather(k, 2, perm[..., None].expand_as(k))
     for threshold, density in ((0.5, None), (0.95, None), (0.9, 0.3), (0.9, 0.05)):
         args = (q, k_perm, perm, b, S, threshold, True, D ** -0.5, density)

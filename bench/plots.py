@@ -1,0 +1,182 @@
+"""Figures for docs/results.md, from the JSON under bench/results/ (runs on CPU).
+
+    python3 -m bench.plots                     # every figure whose inputs exist
+    python3 -m bench.plots --only attention_map
+
+(a) ``attention_map.png``: one head's attention (synthetic heavy-hitter input, N=2048) in original
+    key order with the MeanPooling selection (no permutation) and in permuted key order with the
+    PBS selection, at the same threshold; selected blocks outlined.
+(b) ``density_vs_length.png``: density vs sequence length (accuracy stage B, attention bench,
+    throughput runs).
+(c) ``throughput_vs_length.png``: training tokens/s vs sequence length, dense vs PBS.
+(d) ``accuracy_vs_density.png``: retrieval accuracy vs density (accuracy stages B and C).
+Figures whose inputs are missing are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+FIGURES = ("attention_map", "density_vs_length", "throughput_vs_length", "accuracy_vs_density")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("bench/results"),
+                   help="folder of train_throughput.json, accuracy.json, attention.json")
+    p.add_argument("--figures", type=Path, default=Path("docs/figures"), help="output folder")
+    p.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
+    p.add_argument("--seq-len", type=int, default=2048, help="(a): sequence length (default 2048)")
+    p.add_argument("--threshold", type=float, default=0.9, help="(a): threshold (default 0.9)")
+    p.add_argument("--q-scale", type=float, default=0.4,
+                   help="(a): query scale, i.e. heavy-hitter strength (default 0.4)")
+    return p.parse_args(argv)
+
+
+def attention_map(args: argparse.Namespace, out: Path) -> None:
+    from bench.attention import heavy_hitter_qkv
+    from kernels import pbs_attention
+    from kernels.reference import token_mask
+
+    n, block, segment = args.seq_len, 64, 256
+    q, k, v = heavy_hitter_qkv(1, 1, 1, n, 64, torch.float32, "cpu", segment=segment)
+    q = q * args.q_scale  # softer heavy hitters: the background stays visible
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = (q[0, 0] @ k[0, 0].T / 8.0).masked_fill(~causal, float("-inf")).softmax(-1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
+    for ax, permute in zip(axes, (False, True)):
+        _, plan = pbs_attention(q, k, v, block, segment, args.threshold, permute=permute,
+                                return_plan=True, backend="torch")
+        perm = plan.key_perm[0, 0]
+        shown = probs[:, perm]  # columns in the plan's key order (identity without permutation)
+        captured = (shown * token_mask(plan, 1)[0, 0]).sum().item() / n
+        blocks = plan.block_mask[0, 0] & torch.ones_like(plan.block_mask[0, 0]).tril()
+        outline = blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        ax.imshow(shown.clamp_min(1e-6).log10(), cmap="magma", vmin=-4.5, vmax=-0.5,
+                  interpolation="nearest")
+        ax.contour(outline.float().numpy(), levels=[0.5], colors="cyan", linewidths=0.7)
+        name = "PBS: permuted key order" if permute else "before permutation (MeanPooling)"
+        ax.set_title(f"{name}\ndensity {plan.density:.2f}, attention mass kept {captured:.2f}",
+                     fontsize=10)
+        ax.set_xlabel("key position (plan order)")
+        ax.set_ylabel("query position")
+    fig.suptitle(f"one head, heavy-hitter input, N={n}, blocks {block}, segments {segment}, "
+                 f"threshold {args.threshold} (log10 attention; cyan: selected blocks)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def density_vs_length(args: argparse.Namespace, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    drawn = 0
+    acc = _load(args.results / "accuracy.json").get("B", {}).get("rows", [])
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in acc:
+        if r.get("status") == "ok" and r["name"] != "dense" and "density" in r:
+            series.setdefault(f"trained model, {r['name']}", []).append((r["seq_len"], r["density"]))
+    for r in _load(args.results / "attention.json").get("rows", []):
+        if r.get("impl") == "pbs_kernel" and r.get("mask") in ("pbs", "meanpool"):
+            series.setdefault(f"heavy-hitter input, {r['mask']}", []).append((r["N"], r["density"]))
+    for r in _load(args.results / "train_throughput.json").get("rows", []):
+        if r["variant"] == "pbs_t0.9" and r["status"] == "ok":
+            series.setdefault("1B random init, pbs_t0.9", []).append((r["seq_len"], r["density"]))
+    for label, pts in sorted(series.items()):
+        pts = sorted(set(pts))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if "nopermute" not in label
+                and "meanpool" not in label else "s--", label=label, markersize=4)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise FileNotFoundError("no density results (accuracy.json B, attention.json, "
+                                "train_throughput.json)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("density (computed / causal blocks)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def throughput_vs_length(args: argparse.Namespace, out: Path) -> None:
+    rows = [r for r in _load(args.results / "train_throughput.json").get("rows", [])
+            if r["status"] == "ok"]
+    if not rows:
+        raise FileNotFoundError("no rows in train_throughput.json")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for variant in sorted({r["variant"] for r in rows}):
+        pts = sorted((r["seq_len"], r["tokens_per_s"]) for r in rows if r["variant"] == variant)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("training tokens/s (1 GPU)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
+    acc = _load(args.results / "accuracy.json")
+    b = [r for r in acc.get("B", {}).get("rows", []) if r.get("status") == "ok"]
+    c = [r for r in acc.get("C", {}).get("rows", []) if r.get("status") == "ok"]
+    if not b and not c:
+        raise FileNotFoundError("no stage B/C rows in accuracy.json")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for n in sorted({r["seq_len"] for r in b}):
+        for permute, marker in ((True, "o-"), (False, "s--")):
+            pts = sorted((r.get("density", 1.0), r["acc"]) for r in b if r["seq_len"] == n
+                         and r["name"] != "dense" and r["permute"] == permute)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker,
+                        label=f"no training, {n}, {'PBS' if permute else 'no permutation'}")
+        dense = [r["acc"] for r in b if r["seq_len"] == n and r["name"] == "dense"]
+        if dense:
+            ax.scatter([1.0], dense, marker="*", s=80, label=f"no training, {n}, dense")
+    len_c = max(acc.get("C", {}).get("eval_lens", [0]))
+    for r in c:
+        ax.scatter([r.get("density", 1.0)], [r.get(f"acc_{len_c}")], marker="D", s=50,
+                   label=f"fine-tuned at {len_c}, {r['name']}")
+    ax.set_xlabel("density")
+    ax.set_ylabel("passkey retrieval accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name in args.only:
+        out = args.figures / f"{name}.png"
+        try:
+            globals()[name](args, out)
+        except FileNotFoundError as e:
+            print(f"skipped {name}: {e}")
+            continue
+        print(f"wrote {out}")
+        made.append(out)
+    return made
+
+
+if __name__ == "__main__":
+    main()
