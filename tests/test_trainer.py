@@ -84,9 +84,10 @@ def test_rope_scaling_override_reaches_the_model():
 # ---------------------------------------------------------------- PBS inside transformers
 
 
-def test_pbs_in_llama_matches_sdpa_at_threshold_one():
-    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=16)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_pbs_in_llama_matches_sdpa_at_threshold_one(family):
+    mcfg = ModelConfig(family=family, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16)
     attn = AttentionConfig(threshold=1.0, block_size=32, segment_size=64, backend="torch")
     torch.manual_seed(0)
     pbs = build_model(mcfg, attn, vocab_size=50, max_len=256)
