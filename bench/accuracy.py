@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--runs-dir", default="runs/accuracy",
                    help="trainer output_dir (default runs/accuracy; stage A exports to <it>/A/hf)")
-    p.add_argument("--model-path", default=None, help="stage B/C checkpoint (default <runs-dir>/A/hf)")
+    p.add_argument("--model-path", default=None,
+                   help="stage B/C checkpoint (default <runs-dir>/A/hf)")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy.json"),
                    help="JSON results, one key per stage (default bench/results/accuracy.json)")
     return p.parse_args(argv)
@@ -71,7 +72,8 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 def common(seq_len: int, eval_lens: list[int], steps: int, batch: int, lr: float,
            samples: int) -> list[str]:
-    return ["data=passkey", f"data.seq_len={seq_len}", f"data.eval_seq_lens=[{','.join(map(str, eval_lens))}]",
+    lens = ",".join(map(str, eval_lens))
+    return ["data=passkey", f"data.seq_len={seq_len}", f"data.eval_seq_lens=[{lens}]",
             f"data.eval_samples={samples}", f"trainer.max_steps={steps}",
             f"trainer.micro_batch_size={batch}", "trainer.gradient_checkpointing=false",
             "trainer.save_final=false", f"optim.lr={lr}", "optim.warmup_steps=" + str(

@@ -87,7 +87,8 @@ def density_vs_length(args: argparse.Namespace, out: Path) -> None:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in acc:
         if r.get("status") == "ok" and r["name"] != "dense" and "density" in r:
-            series.setdefault(f"trained model, {r['name']}", []).append((r["seq_len"], r["density"]))
+            series.setdefault(f"trained model, {r['name']}", []).append(
+                (r["seq_len"], r["density"]))
     for r in _load(args.results / "attention.json").get("rows", []):
         if r.get("impl") == "pbs_kernel" and r.get("mask") in ("pbs", "meanpool"):
             series.setdefault(f"heavy-hitter input, {r['mask']}", []).append((r["N"], r["density"]))

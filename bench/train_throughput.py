@@ -43,14 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="steps left out of medians (default 2)")
     p.add_argument("--model", default="llama3_1b", help="Hydra model option (default llama3_1b)")
     p.add_argument("--sdpa-backend", default="cudnn",
-                   help="dense baseline's SDPA backend (default cudnn; on failure retried with auto)")
+                   help="dense SDPA backend (default cudnn; retried with auto on failure)")
     p.add_argument("--budget-s", type=float, default=480,
-                   help="wall-clock budget; runs that would start after it are skipped (default 480)")
+                   help="wall-clock budget; later runs are skipped (default 480)")
     p.add_argument("--layers", type=int, default=16, help="attention bound: layers (default 16)")
     p.add_argument("--heads", type=int, nargs=3, default=[32, 8, 64], metavar=("HQ", "HKV", "D"),
                    help="attention bound: q heads, kv heads, head dim (default 32 8 64)")
     p.add_argument("--extra", nargs="*", default=[],
-                   help="more Hydra overrides for every run (e.g. model sizes for a CPU smoke test)")
+                   help="more Hydra overrides for every run (e.g. sizes for a CPU test)")
     p.add_argument("--runs-dir", default="/tmp/pbs-throughput-runs",
                    help="trainer output_dir (default /tmp/pbs-throughput-runs)")
     p.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"),
@@ -144,7 +144,8 @@ def add_bounds(data: dict, args: argparse.Namespace) -> None:
             bounds[str(n)] = attention_ms(n, *args.heads)
         t = bounds.get(str(n), {})
         if "fwd_ms" in t:
-            t.update(layers=args.layers, attn_step_s=args.layers * (t["fwd_ms"] + t["fwdbwd_ms"]) / 1e3)
+            attn_s = args.layers * (t["fwd_ms"] + t["fwdbwd_ms"]) / 1e3
+            t.update(layers=args.layers, attn_step_s=attn_s)
             t["share"] = t["attn_step_s"] / drow["step_time_s"]
     for r in rows:
         d, share = dense.get(r["seq_len"]), bounds.get(str(r["seq_len"]), {}).get("share")
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "error": f"budget ({left:.0f}s left)"}
                 continue
             row = measure(args, v, n, left)
+            row["device"] = data["device"]  # merged files may span calls: keep the card per row
             rows[v, n] = row
             last_wall = row["wall_s"]
             if row["status"] in ("oom", "error"):
