@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ def run_trainer(overrides: list[str], output_dir: str, run_id: str,
     """``python -m trainer.train <overrides>`` into ``output_dir/run_id``; never raises."""
     run_dir = Path(output_dir) / run_id
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    env = {**os.environ, "PBS_RUN_ID": run_id, "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "PBS_RUN_ID": run_id}  # the trainer picks a free port by itself
     cmd = [sys.executable, "-m", "trainer.train", f"trainer.output_dir={output_dir}", *QUIET,
            *overrides]
     print("$ " + " ".join(cmd), flush=True)
@@ -67,13 +66,6 @@ def run_trainer(overrides: list[str], output_dir: str, run_id: str,
         status = "oom"
     print(out[-3000:], flush=True)
     return TrainerRun(status, wall, str(run_dir), rows, error_line(out) or status)
-
-
-def free_port() -> int:
-    """A free TCP port for the run's process group (back-to-back runs never share one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(path: Path) -> list[dict]:
