@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold-c", type=float, default=0.9, help="stage C threshold (default 0.9)")
     p.add_argument("--eval-samples", type=int, default=64, help="passkey items per eval length")
     p.add_argument("--budget-s", type=float, default=480,
-                   help="stage B/C: runs that would start after this many seconds are skipped")
+                   help="per stage: runs are stopped / skipped past this many seconds (default 480)")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--runs-dir", default="runs/accuracy",
                    help="trainer output_dir (default runs/accuracy; stage A exports to <it>/A/hf)")
@@ -108,7 +108,7 @@ def stage_a(args: argparse.Namespace) -> dict:
                                           args.lr_a, args.eval_samples)
     over += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 4)}",
              "trainer.export_hf=true", *args.extra]
-    run = run_trainer(over, args.runs_dir, "A", timeout_s=10**6)
+    run = run_trainer(over, args.runs_dir, "A", timeout_s=args.budget_s)
     row = summarize(run, "dense", [args.len_a])
     row["export"] = str(Path(run.run_dir) / "hf")
     row["curve"] = [(r["step"], r["eval/retrieval_acc"]) for r in run.rows
