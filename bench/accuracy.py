@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold-c", type=float, default=0.9, help="stage C threshold (default 0.9)")
     p.add_argument("--eval-samples", type=int, default=64, help="passkey items per eval length")
     p.add_argument("--budget-s", type=float, default=480,
-                   help="per stage: runs are stopped / skipped past this many seconds (default 480)")
+                   help="per stage: runs stop / are skipped past this (default 480 s)")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--runs-dir", default="runs/accuracy",
                    help="trainer output_dir (default runs/accuracy; stage A exports to <it>/A/hf)")
