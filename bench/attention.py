@@ -14,8 +14,6 @@ import argparse
 import datetime
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from bench import git_commit
 from kernels import PBSPlan, block_sparse_attention, pbs_attention
 from kernels.triton_attention import BlockIndex, BlockSparseAttentionFunction, _compact
 from kernels.plan import permute_keys
@@ -172,7 +171,7 @@ def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex
             bm = flex_block_mask(plan, Hq, N)
             flex = lambda: flex_fn(q, kp, vp, block_mask=bm, enable_gqa=G > 1)  # noqa: E731
             row("flex", kind, density, time_modes(flex, [q, kp, vp]), **tag)
-        del index, kp, vp
+
     return rows
 
 
@@ -267,7 +266,7 @@ def main(argv=None) -> None:
                                 torch.bfloat16, flex_fn, device)
             torch.cuda.empty_cache()
     meta = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                commit=_commit(), torch=torch.__version__,
+                commit=git_commit(), torch=torch.__version__,
                 triton=__import__("triton").__version__, dtype="bfloat16", B=1,
                 block_size=args.block_size, segment_size=args.segment_size,
                 threshold=args.threshold)
@@ -277,16 +276,6 @@ def main(argv=None) -> None:
     args.out.with_suffix(".md").write_text(json.dumps(meta) + "\n\n" + table + "\n")
     print(json.dumps(meta))
     print(table)
-
-
-def _commit() -> str:
-    if os.environ.get("BENCH_COMMIT"):  # the device machine gets the tree without .git
-        return os.environ["BENCH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

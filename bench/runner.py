@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
+from bench import git_commit
+
 REPO = Path(__file__).resolve().parent.parent
 # Quiet, no W&B, no block-mask images, no progress bar: only the metrics file matters here.
 QUIET = ["logging.wandb.mode=disabled", "logging.image_every=0", "logging.progress_bar=false"]
@@ -94,11 +96,7 @@ def environment() -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": sys.version.split()[0],
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                        capture_output=True, text=True).stdout.strip()
-    except OSError:
-        info["commit"] = "unknown"
+    info["commit"] = git_commit()
     return info
 
 
