@@ -377,10 +377,12 @@ class KernelConfig:
 FWD_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 
 
-def _launch_args(x: torch.Tensor) -> tuple[bool, str]:
+def dot_settings(x: torch.Tensor) -> tuple[bool, str]:
+    """(cast dot operands to fp32, input_precision) for inputs like ``x``: fp32 under the
+    interpreter (its bf16 dot is broken) and for fp32 inputs, which use IEEE fp32 dots."""
     dot_f32 = _INTERPRET or x.dtype == torch.float32
     return dot_f32, "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -398,13 +400,13 @@ def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: 
     cfg = cfg.fit(block, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    dot_f32, precision = _launch_args(q)
+    dot_f32, precision = dot_settings(q)
     grid = (B * H, triton.cdiv(N, cfg.block_m))
     _attn_fwd[grid](
         q, k, v, key_pos, out, lse,
         index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
-        scale * _LOG2E, N, H, G, nb, *_strides(q, k, v, out),
+        scale * LOG2E, N, H, G, nb, *_strides(q, k, v, out),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_F32=dot_f32,
         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -430,12 +432,12 @@ def launch_dq(dq, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: fl
               cfg: KernelConfig = BWD_DQ_CONFIG) -> None:
     B, H, N, D = q.shape
     cfg = cfg.fit(block, q.dtype)
-    dot_f32, precision = _launch_args(q)
+    dot_f32, precision = dot_settings(q)
     _attn_bwd_dq[(B * H, triton.cdiv(N, cfg.block_m))](
         q, k, v, key_pos, do, dq, lse, delta,
         index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
-        scale * _LOG2E, scale, N, H, H // k.shape[1], index.full_kv_cnt.shape[-1],
+        scale * LOG2E, scale, N, H, H // k.shape[1], index.full_kv_cnt.shape[-1],
         *_strides(q, k, v, do),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
@@ -447,12 +449,12 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     cfg = cfg.fit(block, q.dtype)
-    dot_f32, precision = _launch_args(q)
+    dot_f32, precision = dot_settings(q)
     _attn_bwd_dkdv[(B * Hkv, triton.cdiv(N, cfg.block_n))](
         q, k, v, key_pos, do, dk, dv, lse, delta,
         index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
         index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
-        scale * _LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
+        scale * LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
         *_strides(q, k, v, do),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
+from .triton_attention import LOG2E, dot_settings
+
 _BISECT_STEPS = 40
 
 
@@ -79,9 +80,8 @@ def key_importance(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     k = k.reshape(B * Hkv, NC, D) if k.is_contiguous() else k.reshape(B * Hkv, NC, D).contiguous()
     lse = torch.empty(B * Hkv, R, device=k.device, dtype=torch.float32)
     imp = torch.empty(B * Hkv, NC, device=k.device, dtype=torch.float32)
-    dot_f32 = _dot_f32(k)
-    precision = "ieee" if k.dtype == torch.float32 else "tf32"
-    common = (R, NC, scale * _LOG2E, q_rows.stride(0), q_rows.stride(1), k.stride(0), k.stride(1))
+    dot_f32, precision = dot_settings(k)
+    common = (R, NC, scale * LOG2E, q_rows.stride(0), q_rows.stride(1), k.stride(0), k.stride(1))
     _importance_lse[(B * Hkv, triton.cdiv(R, 64))](q_rows, k, lse, *common, HEAD_DIM=D,
                                                    BLOCK_R=64, BLOCK_N=128, DOT_F32=dot_f32, PRECISION=precision,
                                                    num_warps=8)
@@ -149,8 +149,3 @@ def select_rows(scores: torch.Tensor, n_allowed: torch.Tensor, threshold: float,
                                 BLOCK=triton.next_power_of_2(nb), STEPS=_BISECT_STEPS,
                                 num_warps=4 if nb <= 2048 else 8)
     return keep.view(torch.bool)
-
-
-def _dot_f32(x: torch.Tensor) -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1" or x.dtype == torch.float32
