@@ -88,6 +88,36 @@ def _compact_rows(MASK, COUNT, IDX, H, R, C, width, stride_b, stride_h, stride_r
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
+                   HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    """kT (D, n), v (n, D) or vT (D, n), and the original positions of the permuted keys at
+    ``cols``. Unmasked tiles (full blocks) are always in range; their positions are unused."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K_ptr + cols[None, :] * stride_kn + offs_d[:, None]
+    if V_TRANSPOSED:
+        v_ptrs = V_ptr + cols[None, :] * stride_vn + offs_d[:, None]
+    else:
+        v_ptrs = V_ptr + cols[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        in_range = cols < N
+        kT = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
+        if V_TRANSPOSED:
+            v = tl.load(v_ptrs, mask=in_range[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
+    else:
+        kT = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        key_pos = cols
+    if DOT_F32:
+        kT = kT.to(tl.float32)
+        v = v.to(tl.float32)
+    return kT, v, key_pos
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, IDX_ptr, row,
                     idx_width, N, stride_kn, stride_vn, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,24 +125,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, I
     """Online softmax of one query tile over one compacted list of key blocks."""
     SUBS: tl.constexpr = BLOCK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     count = tl.load(CNT_ptr + row)
     for t in range(0, count * SUBS):
         kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS)
         cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
-        if MASKED:
-            in_range = cols < N
-            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None],
-                         mask=in_range[None, :], other=0.0)
-            v = tl.load(V_ptr + cols[:, None] * stride_vn + offs_d[None, :],
-                        mask=in_range[:, None], other=0.0)
-            key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
-        else:
-            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None])
-            v = tl.load(V_ptr + cols[:, None] * stride_vn + offs_d[None, :])
-        if DOT_F32:
-            kT = kT.to(tl.float32)
-            v = v.to(tl.float32)
+        kT, v, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
+                                        HEAD_DIM, MASKED, False, DOT_F32)
         qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         if MASKED:
             qk = tl.where(key_pos[None, :] <= offs_m[:, None], qk, float("-inf"))
@@ -197,24 +215,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr, CN
                        MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     SUBS: tl.constexpr = BLOCK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     count = tl.load(CNT_ptr + row)
     for t in range(0, count * SUBS):
         kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS)
         cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
-        if MASKED:
-            in_range = cols < N
-            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None],
-                         mask=in_range[None, :], other=0.0)
-            vT = tl.load(V_ptr + cols[None, :] * stride_vn + offs_d[:, None],
-                         mask=in_range[None, :], other=0.0)
-            key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
-        else:
-            kT = tl.load(K_ptr + cols[None, :] * stride_kn + offs_d[:, None])
-            vT = tl.load(V_ptr + cols[None, :] * stride_vn + offs_d[:, None])
-        if DOT_F32:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
+        kT, vT, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
+                                         HEAD_DIM, MASKED, True, DOT_F32)
         qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
