@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
     p.add_argument("--seq-len", type=int, default=2048, help="(a): sequence length (default 2048)")
     p.add_argument("--threshold", type=float, default=0.9, help="(a): threshold (default 0.9)")
-    p.add_argument("--q-scale", type=float, default=0.5,
-                   help="(a): query scale, i.e. heavy-hitter strength (default 0.5)")
+    p.add_argument("--q-scale", type=float, default=0.8,
+                   help="(a): query scale, i.e. heavy-hitter strength (default 0.8)")
     return p.parse_args(argv)
 
 
@@ -47,7 +47,8 @@ def attention_map(args: argparse.Namespace, out: Path) -> None:
     from kernels.reference import token_mask
 
     n, block, segment = args.seq_len, 64, 256
-    q, k, v = heavy_hitter_qkv(1, 1, 1, n, 64, torch.float32, "cpu", segment=segment)
+    q, k, v = heavy_hitter_qkv(1, 1, 1, n, 64, torch.float32, "cpu", segment=segment,
+                               hot_share=0.375)
     q = q * args.q_scale  # softer heavy hitters: the background stays visible
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     probs = (q[0, 0] @ k[0, 0].T / 8.0).masked_fill(~causal, float("-inf")).softmax(-1)
