@@ -182,8 +182,9 @@ def _attn_fwd(Q, K, V, KPOS, O, LSE,
                                     qk_scale, HEAD_DIM, BLOCK, BLOCK_N, True, DOT_F32, PRECISION)
 
     has_keys = l_i > 0.0  # rows with no allowed key give 0 (and +inf LSE: zero gradient)
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.math.log2(l_i), float("inf"))
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
     in_rows = offs_m < N
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=in_rows[:, None])
