@@ -59,7 +59,7 @@ class TrainerConfig:
     output_dir: str = "runs/tiny-passkey"
     run_id: str = "${oc.env:PBS_RUN_ID}"  # one run folder per job: output_dir/run_id
     resume: str = "none"  # "none" | "auto" (newest checkpoint under output_dir) | a checkpoint dir
-    save_final: bool = True  # checkpoint at the end (the ZeRO-3 HF export needs it)
+    save_final: bool = True  # checkpoint at the end (always saved when a ZeRO-3 HF export follows)
     export_hf: bool = True  # save_pretrained(safetensors) + tokenizer into <run>/hf at the end
     seed: int = 0
     log_every: int = 1

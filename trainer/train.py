@@ -237,7 +237,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     final_eval = evaluate(engine, eval_sets, tr.micro_batch_size, device) if eval_sets else {}
     logger.log(final_eval, step=tr.max_steps)
-    if tr.save_final and saved_step != tr.max_steps:
+    # The ZeRO-3 export rebuilds the weights from the final checkpoint, so it forces that save.
+    export_needs_ckpt = tr.export_hf and engine.zero_optimization_stage() == 3
+    if (tr.save_final or export_needs_ckpt) and saved_step != tr.max_steps:
         save_checkpoint(engine, ckpt_dir, tr.max_steps,
                         _client_state(tr.max_steps, tokens_seen, world), tr.keep_checkpoints)
     if tr.export_hf:
