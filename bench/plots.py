@@ -76,6 +76,10 @@ def attention_map(args: argparse.Namespace, out: Path) -> None:
     fig.suptitle(f"one head, heavy-hitter input, N={n}, blocks {block}, segments {segment}, "
                  f"threshold {args.threshold} (log10 attention; blue veil: skipped blocks)",
                  fontsize=10)
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -110,9 +114,7 @@ def density_vs_length(args: argparse.Namespace, out: Path) -> None:
     ax.set_ylabel("density (computed / causal blocks)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def throughput_vs_length(args: argparse.Namespace, out: Path) -> None:
@@ -129,9 +131,7 @@ def throughput_vs_length(args: argparse.Namespace, out: Path) -> None:
     ax.set_ylabel("training tokens/s (1 GPU)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
@@ -159,9 +159,7 @@ def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
     ax.set_ylabel("passkey retrieval accuracy")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def _load(path: Path) -> dict:
