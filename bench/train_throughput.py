@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "error": f"budget ({left:.0f}s left)"}
                 continue
             row = measure(args, v, n, left)
-            row["device"] = data["device"]  # merged files may span calls: keep the card per row
+            row.update(device=data["device"], commit=data["commit"])  # merged files span calls
             rows[v, n] = row
             last_wall = row["wall_s"]
             if row["status"] in ("oom", "error"):
