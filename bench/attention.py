@@ -23,8 +23,10 @@ from triton.testing import do_bench
 
 from bench import git_commit
 from kernels import PBSPlan, block_sparse_attention, pbs_attention
-from kernels.triton_attention import BlockIndex, BlockSparseAttentionFunction, _compact
 from kernels.plan import permute_keys
+from kernels.triton_attention import BlockIndex, BlockSparseAttentionFunction
+from trainer.attention import pbs_plan
+from trainer.flex import flex_block_mask
 
 MODES = ("fwd", "bwd", "fwdbwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
@@ -71,23 +73,6 @@ def random_block_plan(B, Hq, Hkv, N, block, density, device, seed=0) -> PBSPlan:
     mask |= torch.eye(nb, dtype=torch.bool, device=device)
     key_perm = torch.arange(N, device=device).expand(B, Hkv, N).clone()
     return PBSPlan(key_perm, mask, block, block)
-
-
-def flex_block_mask(plan: PBSPlan, Hq: int, N: int):
-    from torch.nn.attention.flex_attention import BlockMask
-
-    diag = plan.diagonal_segment_mask()
-    full_cnt, full_idx = _compact(plan.block_mask & ~diag)
-    part_cnt, part_idx = _compact(plan.block_mask & diag)
-    key_pos = plan.key_perm
-    G = Hq // key_pos.shape[1]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return key_pos[b, h // G, kv_idx] <= q_idx
-
-    return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx,
-                                    BLOCK_SIZE=plan.block_size, mask_mod=mask_mod,
-                                    seq_lengths=(N, N))
 
 
 def time_modes(fwd, inputs, modes=MODES) -> dict[str, float]:
@@ -168,7 +153,7 @@ def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex
             row("pbs_e2e", kind, density, t, plan_ms=plan_ms,
                 plan_share=plan_ms / t["fwdbwd"], **tag)
         if flex_fn is not None:
-            bm = flex_block_mask(plan, Hq, N)
+            bm = flex_block_mask(plan)
             flex = lambda: flex_fn(q, kp, vp, block_mask=bm, enable_gqa=G > 1)  # noqa: E731
             row("flex", kind, density, time_modes(flex, [q, kp, vp]), **tag)
 
@@ -177,15 +162,8 @@ def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex
 
 def pbs_attention_plan_only(q, k, block, segment, threshold, permute):
     """The planning part of pbs_attention (permutation, gather, selection, index lists)."""
-    from kernels.plan import identity_permutation, segment_permutation, select_blocks
-    scale = q.shape[-1] ** -0.5
-    with torch.no_grad():
-        key_perm = (segment_permutation(q, k, block, segment, scale, use_triton=True) if permute
-                    else identity_permutation(k))
-        k_perm = permute_keys(k, key_perm)
-        mask = select_blocks(q, k_perm, key_perm, block, segment, threshold, True, scale,
-                             use_triton=True)
-        return BlockIndex.from_plan(PBSPlan(key_perm, mask, block, segment))
+    return BlockIndex.from_plan(pbs_plan(q, k, block, segment, threshold, permute=permute,
+                                         backend="triton"))
 
 
 def profile_plan(args) -> None:

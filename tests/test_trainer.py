@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 
@@ -11,9 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kernels import block_sparse_attention, pbs_attention
+from tests.attention_checks import random_qkv
 from tests.trainer_utils import (ROOT, TINY, check, losses, run_dirs, run_job,
                                  wandb_history_keys)
-from trainer.attention import AttentionConfig, install_attention
+from trainer.attention import AttentionConfig, install_attention, pbs_plan
+from trainer.flex import flex_plan_attention
 from trainer.config import register_configs
 from trainer.model import ModelConfig, build_model
 
@@ -69,6 +73,9 @@ def test_cfg_job_and_cli_errors(tmp_path):
     bad = run_job(["data=jsonl", f"data.path={tmp_path}/bad.jsonl", *TINY,
                    f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"], tmp_path)
     assert bad.returncode != 0 and "bad.jsonl:2" in bad.stderr
+    bad = run_job(["attention=flex", *TINY, f"trainer.output_dir={tmp_path}/out",
+                   "logging.wandb.mode=disabled", "trainer.device=cpu"], tmp_path)
+    assert bad.returncode != 0 and "attention=flex trains on CUDA only" in bad.stderr
 
 
 def test_rope_scaling_override_reaches_the_model():
@@ -110,6 +117,71 @@ def test_pbs_in_llama_matches_sdpa_at_threshold_one(family):
         pbs(ids)
     tracker = pbs.model.layers[0].self_attn.pbs_settings.tracker
     assert list(tracker.reduce()) == [0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: Triton (interpreter) planning
+def test_plan_then_attend_equals_pbs_attention_and_flex(backend):
+    """``pbs_plan`` gives the plan of ``pbs_attention``; attending over it with the PBS kernels
+    reproduces its output exactly, FlexAttention to float32 rounding (GQA, N not a multiple of
+    the block size, a plan that skips blocks)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (x.detach() for x in random_qkv(2, 4, 2, 300, 32, outliers=True, generator=g))
+    out, want = pbs_attention(q, k, v, 32, 64, 0.9, return_plan=True, backend=backend)
+    plan = pbs_plan(q, k, 32, 64, 0.9, backend=backend)
+    assert torch.equal(plan.key_perm, want.key_perm)
+    assert torch.equal(plan.block_mask, want.block_mask)
+    assert plan.density < pbs_plan(q, k, 32, 64, 1.0, backend=backend).density  # skips blocks
+    assert torch.equal(block_sparse_attention(q, k, v, plan, backend=backend), out)
+    torch.testing.assert_close(flex_plan_attention(q, k, v, plan), out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threshold,reference", [(1.0, "sdpa"), (0.5, "pbs")])
+def test_flex_in_llama_matches_sdpa_and_pbs(threshold, reference):
+    """``attention=flex`` (forward only on CPU): SDPA's logits at threshold 1, and PBS's logits
+    below it (threshold 0.5: at 0.9 a random-init model keeps every block)."""
+    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    attn = AttentionConfig(impl="flex", threshold=threshold, block_size=32, segment_size=64,
+                           backend="torch")
+    ref_attn = dataclasses.replace(attn, impl=reference)
+    torch.manual_seed(0)
+    flex = build_model(mcfg, attn, vocab_size=50, max_len=256)
+    ref = build_model(mcfg, ref_attn, vocab_size=50, max_len=256)
+    ref.load_state_dict(flex.state_dict())
+    tracker = install_attention(flex, attn)
+    install_attention(ref, ref_attn)
+    ids = torch.randint(0, 50, (2, 256))
+    tracker.time_plans = True
+    with torch.no_grad():
+        torch.testing.assert_close(flex(ids).logits, ref(ids).logits, atol=2e-5, rtol=1e-4)
+    densities = tracker.reduce()
+    assert set(densities) == {0, 1} and (threshold == 1.0 or max(densities.values()) < 1.0)
+    assert tracker.reduce_plan_ms() > 0 and tracker.reduce_plan_ms() is None
+
+
+@pytest.mark.gpu
+def test_gpu_flex_trains_like_pbs():
+    """On CUDA, compiled Flex over the PBS plan gives the PBS kernels' logits and gradients;
+    plan times come from CUDA events."""
+    mcfg = ModelConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=32)
+    attn = AttentionConfig(impl="flex", threshold=0.5, block_size=64, segment_size=128)
+    pbs_attn = dataclasses.replace(attn, impl="pbs")
+    torch.manual_seed(0)
+    flex = build_model(mcfg, attn, vocab_size=50, max_len=1024).cuda()
+    pbs = build_model(mcfg, pbs_attn, vocab_size=50, max_len=1024).cuda()
+    pbs.load_state_dict(flex.state_dict())
+    tracker = install_attention(flex, attn)
+    install_attention(pbs, pbs_attn)
+    tracker.time_plans = True
+    ids = torch.randint(0, 50, (2, 1024), device="cuda")
+    out_flex, out_pbs = flex(ids).logits, pbs(ids).logits
+    torch.testing.assert_close(out_flex, out_pbs, atol=1e-4, rtol=1e-3)
+    out_flex.square().mean().backward()
+    out_pbs.square().mean().backward()
+    for (name, a), b in zip(flex.named_parameters(), pbs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-2, msg=name)
+    assert max(tracker.reduce().values()) < 1.0 and tracker.reduce_plan_ms() > 0
 
 
 # ---------------------------------------------------------------- the job end to end

@@ -1,13 +1,17 @@
 """PBS attention as a ``transformers`` attention implementation, with per-layer density tracking.
 
 ``install_attention(model, cfg)`` switches every decoder layer of a model loaded with
-``attn_implementation="pbs"`` to PBS (layers in ``cfg.dense_layers`` keep SDPA). Densities are kept
-as device tensors and reduced once per log step, so the train loop adds no device syncs.
+``attn_implementation="pbs"`` to PBS (layers in ``cfg.dense_layers`` keep SDPA). Each PBS layer
+plans (permutation + block selection), then attends over the plan with the PBS kernels
+(``impl=pbs``) or FlexAttention (``impl=flex``). Densities and plan times are kept as device
+tensors / CUDA events and reduced once per log step, so the train loop adds no device syncs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -15,14 +19,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kernels import pbs_attention
+from kernels import PBSPlan, block_sparse_attention
+from kernels.attention import _resolve_backend, _validate, _validate_triton
+from kernels.plan import (
+    identity_permutation,
+    permute_keys,
+    segment_permutation,
+    select_blocks,
+)
+
+from .flex import flex_plan_attention
 
 
 @dataclass
 class AttentionConfig:
-    """``attention`` group: ``pbs`` (permuted block-sparse) or ``sdpa`` (dense baseline)."""
+    """``attention`` group: ``pbs`` (permuted block-sparse), ``flex`` (the PBS plan run by
+    FlexAttention) or ``sdpa`` (dense baseline)."""
 
-    impl: str = "pbs"  # "pbs" | "sdpa"
+    impl: str = "pbs"  # "pbs" | "flex" | "sdpa"
     block_size: int = 64
     segment_size: int = 256
     threshold: float = 0.9
@@ -49,16 +63,70 @@ def sdpa_backend_context(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel([_SDPA_BACKENDS[name]])
 
 
+def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_size: int = 256,
+             threshold: float = 0.9, sink: bool = True, permute: bool = True, *,
+             density: float | None = None, scale: float | None = None,
+             backend: str = "auto") -> PBSPlan:
+    """The plan of ``kernels.pbs_attention`` with the same arguments (permutation + block
+    selection, no attention); ``block_sparse_attention(q, k, v, plan)`` then gives its output.
+    Uses private kernels helpers: the kernels package has no public plan-only entry point."""
+    _validate(q, k, k, block_size, segment_size, threshold, density)
+    use_triton = _resolve_backend(backend, q) == "triton"
+    if use_triton:
+        _validate_triton(q, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        q, k = q.detach(), k.detach()
+        key_perm = (segment_permutation(q, k, block_size, segment_size, scale, use_triton)
+                    if permute else identity_permutation(k))
+        block_mask = select_blocks(q, permute_keys(k, key_perm), key_perm, block_size,
+                                   segment_size, threshold, sink, scale, density, use_triton)
+    return PBSPlan(key_perm, block_mask, block_size, segment_size)
+
+
+def _elapsed_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 class DensityTracker:
-    """Collects computed-block counts per layer as tensors; ``reduce()`` syncs once."""
+    """Collects computed-block counts per layer as tensors and, while ``time_plans`` is set,
+    the planning time; ``reduce()`` and ``reduce_plan_ms()`` sync once."""
 
     def __init__(self, pbs_layers: list[int], image_layer: int):
         self.pbs_layers = pbs_layers
         self.image_layer = image_layer
         self.capture_plan = False
         self.last_plan = None
+        self.time_plans = False
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
+        self._plan_times: list[float | tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def time_plan(self, device: torch.device) -> Iterator[None]:
+        """Time the enclosed planning if ``time_plans`` is set: CUDA events (read at
+        ``reduce_plan_ms``, no sync here), else the CPU clock."""
+        if not self.time_plans:
+            yield
+        elif device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._plan_times.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._plan_times.append((time.perf_counter() - t0) * 1e3)
+
+    def reduce_plan_ms(self) -> float | None:
+        """Milliseconds of all plans timed since the last call (None if none), then reset."""
+        if not self._plan_times:
+            return None
+        total = sum(t if isinstance(t, float) else _elapsed_ms(*t) for t in self._plan_times)
+        self._plan_times.clear()
+        return total
 
     def record(self, layer: int, plan) -> None:
         density = plan.density_per_head().mean().detach()
@@ -99,13 +167,16 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         # Not installed (dense layer) or incremental decoding: dense causal attention.
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
-    cfg = settings.cfg
-    out, plan = pbs_attention(query, key, value, block_size=cfg.block_size,
-                              segment_size=cfg.segment_size, threshold=cfg.threshold,
-                              sink=cfg.sink, permute=cfg.permute, density=cfg.density,
-                              scale=scaling, return_plan=True, backend=cfg.backend)
-    if module.training or settings.tracker.capture_plan:
-        settings.tracker.record(settings.layer, plan)
+    cfg, tracker = settings.cfg, settings.tracker
+    with tracker.time_plan(query.device):
+        plan = pbs_plan(query, key, cfg.block_size, cfg.segment_size, cfg.threshold, cfg.sink,
+                        cfg.permute, density=cfg.density, scale=scaling, backend=cfg.backend)
+    if cfg.impl == "flex":
+        out = flex_plan_attention(query, key, value, plan, scaling)
+    else:
+        out = block_sparse_attention(query, key, value, plan, scaling, cfg.backend)
+    if module.training or tracker.capture_plan:
+        tracker.record(settings.layer, plan)
     return out.transpose(1, 2), None
 
 
@@ -129,8 +200,8 @@ def install_attention(model: torch.nn.Module, cfg: AttentionConfig) -> DensityTr
     bad = [i for i in cfg.dense_layers if not -num_layers <= i < num_layers]
     if bad:
         raise ValueError(f"attention.dense_layers {bad} out of range for {num_layers} layers")
-    pbs_layers = [] if cfg.impl != "pbs" else [m.layer_idx for m in modules
-                                               if m.layer_idx not in dense]
+    pbs_layers = [] if cfg.impl == "sdpa" else [m.layer_idx for m in modules
+                                                if m.layer_idx not in dense]
     image_layer = pbs_layers[-1] if pbs_layers else -1
     if cfg.image_layer != -1:
         image_layer = cfg.image_layer % num_layers

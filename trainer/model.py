@@ -87,14 +87,14 @@ def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> Pret
 
 def build_model(cfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_len: int,
                 dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Causal LM from ``cfg`` with the attention implementation of ``attn`` (PBS or SDPA).
+    """Causal LM from ``cfg`` with the attention implementation of ``attn`` (PBS, Flex or SDPA).
 
     Call inside ``HfDeepSpeedConfig`` scope for ZeRO-3 so weights are partitioned at load.
     """
     config = architecture_config(cfg, vocab_size, max_len)
-    impl = "pbs" if attn.impl == "pbs" else "sdpa"
-    if attn.impl not in ("pbs", "sdpa"):
-        raise ValueError(f"attention.impl must be 'pbs' or 'sdpa', got {attn.impl!r}")
+    if attn.impl not in ("pbs", "flex", "sdpa"):
+        raise ValueError(f"attention.impl must be 'pbs', 'flex' or 'sdpa', got {attn.impl!r}")
+    impl = "sdpa" if attn.impl == "sdpa" else "pbs"  # flex runs in the "pbs" attention function
     if cfg.path is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, dtype=dtype,
                                                      attn_implementation=impl,

@@ -121,6 +121,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from ``cfg``, train ``trainer.max_steps`` steps, save, export."""
     tr = cfg.trainer
     device = init_distributed(tr.device)
+    if cfg.attention.impl == "flex" and device.type != "cuda":
+        raise ValueError("attention=flex trains on CUDA only: torch FlexAttention has no backward "
+                         f"on {device.type}")
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = HydraConfig.get().runtime.output_dir
     if rank != 0:  # other ranks log to their own file only
