@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 
@@ -184,6 +185,17 @@ def test_gpu_flex_trains_like_pbs():
     assert max(tracker.reduce().values()) < 1.0 and tracker.reduce_plan_ms() > 0
 
 
+@pytest.mark.gpu
+def test_gpu_flex_job_end_to_end(tmp_path):
+    check(run_job([*TINY, "attention=flex", "trainer.max_steps=3", "trainer.export_hf=false",
+                   f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"],
+                  tmp_path))
+    (run,) = run_dirs(tmp_path / "out")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 3 and all(r["attn/plan_ms"] > 0 for r in train_rows)
+
+
 # ---------------------------------------------------------------- the job end to end
 
 
@@ -207,6 +219,8 @@ def test_default_job_end_to_end(finished_run):
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
     assert (run / "checkpoints" / "step_00000003").is_dir()
     assert (run / "hf" / "model.safetensors").is_file() and (run / ".hydra").is_dir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("attn/plan_ms", 0) > 0] == list(range(1, 7))
 
 
 def test_wandb_offline_run_has_the_keys(finished_run):
@@ -215,7 +229,7 @@ def test_wandb_offline_run_has_the_keys(finished_run):
     expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
                 "perf/step_time_s", "perf/tokens_per_sec", "perf/tokens_per_sec_per_gpu",
                 "perf/tflops_per_gpu", "attn/density", "attn/density/layer_00",
-                "attn/density/layer_01", "mem/peak_gb", "eval/loss", "eval/retrieval_acc",
+                "attn/density/layer_01", "attn/plan_ms", "mem/peak_gb", "eval/loss", "eval/retrieval_acc",
                 "eval/retrieval_acc/len_00256", "attn/block_mask"}
     assert expected <= keys, expected - keys
 

@@ -192,9 +192,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loss_acc = torch.zeros((), device=device)
     t_log, steps_since_log, saved_step = time.perf_counter(), 0, None
     for step in range(start_step, tr.max_steps):
+        done = step + 1
         draw = (cfg.logging.image_every > 0 and rank == 0 and tracker.pbs_layers
-                and (step + 1) % cfg.logging.image_every == 0)
+                and done % cfg.logging.image_every == 0)
         tracker.capture_plan = bool(draw)
+        log_step = done % tr.log_every == 0 or done == tr.max_steps
+        tracker.time_plans = log_step  # plan timing only where it is read (no syncs otherwise)
         for micro in range(tr.grad_accum):
             batch = sampler.batch(step, micro)
             with sdpa_backend_context(cfg.attention.sdpa_backend):
@@ -205,19 +208,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     [p.grad for p in engine.module.parameters() if p.grad is not None])
             engine.step()
             loss_acc += loss.detach().float() / tr.grad_accum
-        tracker.capture_plan = False
+        tracker.capture_plan = tracker.time_plans = False
         tokens_seen += tokens_per_step
         steps_since_log += 1
-        done = step + 1
-        if done % tr.log_every == 0 or done == tr.max_steps:
+        if log_step:
             dist.all_reduce(loss_acc)
             densities = tracker.reduce()
             dt = (time.perf_counter() - t_log) / steps_since_log
             norm = float(grad_norm) if own_grad_norm else _grad_norm(engine)
             last = train_metrics(loss_acc.item() / world / steps_since_log,
                                  scheduler.get_last_lr()[0], norm, tokens_seen, dt,
-                                 tokens_per_step, world, densities, device,
-                                 flops_per_token(lm.config, cfg.data.seq_len, densities))
+                                 tokens_per_step, world, densities, tracker.reduce_plan_ms(),
+                                 device, flops_per_token(lm.config, cfg.data.seq_len, densities))
             tps = last["perf/tokens_per_sec"]
             logger.log(last, step=done)
             if draw:
@@ -256,8 +258,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def train_metrics(loss: float, lr: float, grad_norm: float, tokens_seen: int, step_time: float,
                   tokens_per_step: int, world: int, densities: dict[int, float],
-                  device: torch.device, flops_per_tok: float) -> dict[str, float]:
-    """The W&B keys of one log step (MFU only on GPUs with a known peak)."""
+                  plan_ms: float | None, device: torch.device,
+                  flops_per_tok: float) -> dict[str, float]:
+    """The W&B keys of one log step (MFU only on GPUs with a known peak; ``plan_ms``: PBS
+    planning time of the log step, summed over layers and micro-batches)."""
     tps = tokens_per_step / step_time
     tflops = flops_per_tok * tps / world / 1e12
     metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
@@ -270,6 +274,8 @@ def train_metrics(loss: float, lr: float, grad_norm: float, tokens_seen: int, st
     if densities:
         metrics["attn/density"] = sum(densities.values()) / len(densities)
         metrics.update({f"attn/density/layer_{i:02d}": d for i, d in densities.items()})
+    if plan_ms is not None:
+        metrics["attn/plan_ms"] = plan_ms
     return metrics
 
 
