@@ -11,13 +11,13 @@ from kernels import PBSPlan
 from kernels.plan import permute_keys
 
 
-def flex_block_mask(plan: PBSPlan) -> BlockMask:
+def flex_block_mask(plan: PBSPlan, compiled: bool = True) -> BlockMask:
     """Flex ``BlockMask`` over keys in permuted order that computes exactly ``plan``.
 
     Selected blocks of earlier segments are full (every key precedes every query); those of the
-    query's own segment are partial, masked per token on original positions. ``mask_mod`` alone
-    also describes the whole plan (block bit and token order), because uncompiled
-    ``flex_attention`` ignores the block lists and applies ``mask_mod`` to all N x N pairs.
+    query's own segment are partial, masked per token on original positions. Compiled Flex walks
+    the block lists, so ``mask_mod`` is only the token order there; uncompiled ``flex_attention``
+    ignores the lists and applies ``mask_mod`` to all N x N pairs, so it also checks the block bit.
     """
     diag = plan.diagonal_segment_mask()
     full_cnt, full_idx = _compact(plan.block_mask & ~diag)
@@ -26,11 +26,15 @@ def flex_block_mask(plan: PBSPlan) -> BlockMask:
     G = blocks.shape[1] // key_pos.shape[1]
     N = key_pos.shape[-1]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return blocks[b, h, q_idx // bs, kv_idx // bs] & (key_pos[b, h // G, kv_idx] <= q_idx)
+    def token_order(b, h, q_idx, kv_idx):
+        return key_pos[b, h // G, kv_idx] <= q_idx
+
+    def plan_mask(b, h, q_idx, kv_idx):
+        return blocks[b, h, q_idx // bs, kv_idx // bs] & token_order(b, h, q_idx, kv_idx)
 
     return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx, BLOCK_SIZE=bs,
-                                    mask_mod=mask_mod, seq_lengths=(N, N))
+                                    mask_mod=token_order if compiled else plan_mask,
+                                    seq_lengths=(N, N))
 
 
 def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,4 +56,5 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     (B, Hq, N, D) in the original token order."""
     attend = _compiled_flex_attention() if q.is_cuda else flex_attention
     return attend(q, permute_keys(k, plan.key_perm), permute_keys(v, plan.key_perm),
-                  block_mask=flex_block_mask(plan), scale=scale, enable_gqa=True)
+                  block_mask=flex_block_mask(plan, compiled=q.is_cuda), scale=scale,
+                  enable_gqa=True)
