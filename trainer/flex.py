@@ -54,21 +54,7 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     """Attention over ``plan`` by FlexAttention (compiled on CUDA, eager elsewhere, where torch
     has no Flex backward). q (B, Hq, N, D), k, v (B, Hkv, N, D) in original order; returns
     (B, Hq, N, D) in the original token order."""
-    if not q.is_cuda:
-        return flex_attention(q, permute_keys(k, plan.key_perm), permute_keys(v, plan.key_perm),
-                              block_mask=flex_block_mask(plan, compiled=False), scale=scale,
-                              enable_gqa=True)
-    return _compiled_flex_attention()(
-        q, permute_keys(k, plan.key_perm), permute_keys(v, plan.key_perm),
-        block_mask=flex_block_mask(plan), scale=scale, enable_gqa=True,
-        kernel_options=flex_tiles(plan.block_size))
-
-
-def flex_tiles(block_size: int) -> dict[str, int] | None:
-    """Flex kernel tiles for plan blocks smaller than its default 128-wide tiles (its tiles must
-    divide the block size); ``None`` keeps Flex's own choice."""
-    if block_size >= 128:
-        return None
-    return {f"{step}_{tile}": block_size for step, tiles in
-            (("fwd", ("BLOCK_M", "BLOCK_N")), ("bwd", ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2",
-                                                       "BLOCK_N2"))) for tile in tiles}
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return attend(q, permute_keys(k, plan.key_perm), permute_keys(v, plan.key_perm),
+                  block_mask=flex_block_mask(plan, compiled=q.is_cuda), scale=scale,
+                  enable_gqa=True)
