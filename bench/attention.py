@@ -22,10 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from bench import git_commit
-from kernels import PBSPlan, block_sparse_attention, pbs_attention
+from kernels import PBSPlan, block_sparse_attention, pbs_attention, pbs_plan
 from kernels.plan import permute_keys
 from kernels.triton_attention import BlockIndex, BlockSparseAttentionFunction
-from trainer.attention import pbs_plan
 from trainer.flex import flex_block_mask
 
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -122,8 +121,8 @@ def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex
             print(f"{name} skipped: {e}")
 
     plans = [("fixed", d, random_block_plan(B, Hq, Hkv, N, block, d, device)) for d in densities]
-    _, pbs_plan = pbs_attention(q, k, v, block, segment, threshold, return_plan=True)
-    plans.append(("pbs", threshold, pbs_plan))
+    _, plan = pbs_attention(q, k, v, block, segment, threshold, return_plan=True)
+    plans.append(("pbs", threshold, plan))
     _, mp_plan = pbs_attention(q, k, v, block, segment, threshold, permute=False,
                                return_plan=True)
     plans.append(("meanpool", threshold, mp_plan))

@@ -1,8 +1,8 @@
 """Trainable permuted block-sparse (PBS) attention (arXiv 2510.21270)."""
 
-from .attention import block_sparse_attention, pbs_attention
+from .attention import block_sparse_attention, pbs_attention, pbs_plan
 from .plan import PBSPlan
 from .reference import reference_attention, token_mask
 
-__all__ = ["pbs_attention", "block_sparse_attention", "PBSPlan", "reference_attention",
+__all__ = ["pbs_attention", "pbs_plan", "block_sparse_attention", "PBSPlan", "reference_attention",
            "token_mask"]

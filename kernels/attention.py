@@ -1,4 +1,5 @@
-"""Public entry point: ``pbs_attention`` (plan, then attend with Triton or pure torch)."""
+"""Public entry points: ``pbs_attention`` (plan, then attend with Triton or pure torch),
+``pbs_plan`` (the plan alone) and ``block_sparse_attention`` (attend over a given plan)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,31 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
     if backend == "triton":
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    plan, k_perm = _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+                         backend == "triton")
+    out = _attend(q, k, v, k_perm, plan, scale, backend)
+    return (out, plan) if return_plan else out
 
-    use_triton = backend == "triton"
+
+def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_size: int = 256,
+             threshold: float = 0.9, sink: bool = True, permute: bool = True, *,
+             density: float | None = None, scale: float | None = None,
+             backend: str = "auto") -> PBSPlan:
+    """The plan of :func:`pbs_attention` with the same arguments (permutation + block selection,
+    no attention): ``block_sparse_attention(q, k, v, pbs_plan(q, k, ...))`` equals
+    ``pbs_attention(q, k, v, ...)``. Lets callers time or reuse the plan."""
+    _validate(q, k, k, block_size, segment_size, threshold, density)
+    backend = _resolve_backend(backend, q)
+    if backend == "triton":
+        _validate_triton(q, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+                 backend == "triton")[0]
+
+
+def _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+          use_triton) -> tuple[PBSPlan, torch.Tensor]:
+    """The plan and the keys in permuted order (differentiable in k)."""
     with torch.no_grad():
         if permute:
             key_perm = segment_permutation(q.detach(), k.detach(), block_size, segment_size, scale,
@@ -54,9 +78,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
     with torch.no_grad():
         block_mask = select_blocks(q.detach(), k_perm.detach(), key_perm, block_size,
                                    segment_size, threshold, sink, scale, density, use_triton)
-    plan = PBSPlan(key_perm, block_mask, block_size, segment_size)
-    out = _attend(q, k, v, k_perm, plan, scale, backend)
-    return (out, plan) if return_plan else out
+    return PBSPlan(key_perm, block_mask, block_size, segment_size), k_perm
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBSPlan,

@@ -17,7 +17,8 @@ from kernels import block_sparse_attention, pbs_attention
 from tests.attention_checks import random_qkv
 from tests.trainer_utils import (ROOT, TINY, check, losses, run_dirs, run_job,
                                  wandb_history_keys)
-from trainer.attention import AttentionConfig, install_attention, pbs_plan
+from kernels import pbs_plan
+from trainer.attention import AttentionConfig, install_attention
 from trainer.flex import flex_plan_attention
 from trainer.config import register_configs
 from trainer.model import ModelConfig, build_model
@@ -187,7 +188,8 @@ def test_gpu_flex_trains_like_pbs():
 
 @pytest.mark.gpu
 def test_gpu_flex_job_end_to_end(tmp_path):
-    check(run_job([*TINY, "attention=flex", "trainer.max_steps=3", "trainer.export_hf=false",
+    check(run_job([*TINY, "attention=flex", "attention.block_size=64", "attention.segment_size=128",
+                   "model.head_dim=32", "trainer.max_steps=3", "trainer.export_hf=false",
                    f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"],
                   tmp_path))
     (run,) = run_dirs(tmp_path / "out")

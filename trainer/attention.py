@@ -19,14 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kernels import PBSPlan, block_sparse_attention
-from kernels.attention import _resolve_backend, _validate, _validate_triton
-from kernels.plan import (
-    identity_permutation,
-    permute_keys,
-    segment_permutation,
-    select_blocks,
-)
+from kernels import block_sparse_attention, pbs_plan
 
 from .flex import flex_plan_attention
 
@@ -61,27 +54,6 @@ def sdpa_backend_context(name: str) -> contextlib.AbstractContextManager:
         raise ValueError(f"attention.sdpa_backend must be auto or one of {sorted(_SDPA_BACKENDS)}, "
                          f"got {name!r}")
     return sdpa_kernel([_SDPA_BACKENDS[name]])
-
-
-def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_size: int = 256,
-             threshold: float = 0.9, sink: bool = True, permute: bool = True, *,
-             density: float | None = None, scale: float | None = None,
-             backend: str = "auto") -> PBSPlan:
-    """The plan of ``kernels.pbs_attention`` with the same arguments (permutation + block
-    selection, no attention); ``block_sparse_attention(q, k, v, plan)`` then gives its output.
-    Uses private kernels helpers: the kernels package has no public plan-only entry point."""
-    _validate(q, k, k, block_size, segment_size, threshold, density)
-    use_triton = _resolve_backend(backend, q) == "triton"
-    if use_triton:
-        _validate_triton(q, block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with torch.no_grad():
-        q, k = q.detach(), k.detach()
-        key_perm = (segment_permutation(q, k, block_size, segment_size, scale, use_triton)
-                    if permute else identity_permutation(k))
-        block_mask = select_blocks(q, permute_keys(k, key_perm), key_perm, block_size,
-                                   segment_size, threshold, sink, scale, density, use_triton)
-    return PBSPlan(key_perm, block_mask, block_size, segment_size)
 
 
 def _elapsed_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
