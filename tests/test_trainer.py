@@ -77,6 +77,10 @@ def test_cfg_job_and_cli_errors(tmp_path):
     assert bad.returncode != 0 and "bad.jsonl:2" in bad.stderr
     bad = run_job(["attention=flex", *TINY, f"trainer.output_dir={tmp_path}/out",
                    "logging.wandb.mode=disabled", "trainer.device=cpu"], tmp_path)
+    assert bad.returncode != 0 and "needs attention.block_size a multiple of 64" in bad.stderr
+    bad = run_job(["attention=flex", *TINY, "attention.block_size=64", "attention.segment_size=128",
+                   f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled",
+                   "trainer.device=cpu"], tmp_path)
     assert bad.returncode != 0 and "attention=flex trains on CUDA only" in bad.stderr
 
 

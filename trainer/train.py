@@ -121,6 +121,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from ``cfg``, train ``trainer.max_steps`` steps, save, export."""
     tr = cfg.trainer
     device = init_distributed(tr.device)
+    if cfg.attention.impl == "flex" and cfg.attention.block_size % 64:
+        raise ValueError(f"attention=flex needs attention.block_size a multiple of 64 (Flex's "
+                         f"kernel tiles must divide it), got {cfg.attention.block_size}")
     if cfg.attention.impl == "flex" and device.type != "cuda":
         raise ValueError("attention=flex trains on CUDA only: torch FlexAttention has no backward "
                          f"on {device.type}")
