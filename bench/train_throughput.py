@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def overrides(args: argparse.Namespace, variant: str, seq_len: int, backend: str) -> list[str]:
     common = [f"model={args.model}", "data=passkey", f"data.seq_len={seq_len}",
-              "data.eval_samples=0", "trainer.micro_batch_size=1", "trainer.grad_accum=1",
+              "data.eval_samples=0", "data.min_len=null", "trainer.micro_batch_size=1",
+              "trainer.grad_accum=1",
               f"trainer.max_steps={args.steps}", "trainer.gradient_checkpointing=true",
               "trainer.eval_every=0", "trainer.save_every=0", "trainer.save_final=false",
               "trainer.export_hf=false", "trainer.log_every=1"]

@@ -58,13 +58,38 @@ def test_passkey_items(tok, num_keys):
         answer = tok.decode(item["labels"][item["answer_mask"]].tolist())
         assert len(answer) == cfg.passkey_digits and answer.isdigit()
         text = tok.decode(item["input_ids"].tolist())
-        assert text.count("The pass key for ") == num_keys + 1
-        name = text.rsplit("What is the pass key for ", 1)[1].split("?")[0]
-        assert f"The pass key for {name} is #{answer}." in text
-        assert text.endswith(f"? The pass key for {name} is #{answer}<eos>")
+        if num_keys == 1:  # the classic passkey task
+            assert text.count("The pass key is ") == 2
+            assert f"The pass key is {answer}. Remember it." in text
+            assert text.endswith(f"\nWhat is the pass key? The pass key is {answer}<eos>")
+        else:  # the question names which key
+            assert text.count("The pass key for ") == num_keys + 1
+            name = text.rsplit("What is the pass key for ", 1)[1].split("?")[0]
+            assert f"The pass key for {name} is {answer}." in text
+            assert text.endswith(f"? The pass key for {name} is {answer}<eos>")
     assert torch.equal(a["input_ids"], build_train_dataset(cfg, tok, seed=3)[7]["input_ids"])
     assert not torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(a["input_ids"], build_train_dataset(cfg, tok, seed=4)[7]["input_ids"])
+
+
+def test_passkey_min_len_mixes_lengths(tok):
+    cfg = DataConfig(seq_len=1024, min_len=160, passkey_digits=1, answer_only_loss=True)
+    ds = build_train_dataset(cfg, tok, seed=0)
+    sizes = []
+    for i in range(64):
+        item = ds[i]
+        assert item["input_ids"].shape == (1024,)
+        real = item["input_ids"] != tok.pad_token_id
+        size = int(real.sum())
+        assert real[:size].all() and (item["labels"][size:] == IGNORE).all()  # right padding
+        assert tok.decode(item["input_ids"][:size].tolist()).endswith("<eos>")
+        assert tok.decode(item["labels"][item["answer_mask"]].tolist()).isdigit()
+        sizes.append(size)
+    assert 160 <= min(sizes) < 400 and max(sizes) > 700  # log-uniform over [160, 1024]
+    ev = build_eval_dataset(cfg, tok, 0, seq_len=1024)
+    assert (ev[0]["input_ids"] != tok.pad_token_id).all()  # eval items keep the full length
+    with pytest.raises(ValueError, match="data.min_len"):
+        build_train_dataset(DataConfig(seq_len=1024, min_len=2048), tok, 0)
 
 
 def test_passkey_labels_and_eval(tok):

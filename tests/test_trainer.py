@@ -284,3 +284,18 @@ def test_hf_export_reloads_with_same_logits(finished_run):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_default_recipe_learns_retrieval(tmp_path):
+    """The default data recipe (one-digit key, answer-only loss, log-uniform item lengths) with
+    the default tiny model learns retrieval; shortened to 256 tokens to keep CI fast."""
+    out = tmp_path / "out"
+    check(run_job(["data.seq_len=256", "trainer.max_steps=200", "trainer.eval_every=0",
+                   "logging.progress_bar=false", "logging.wandb.mode=disabled",
+                   "trainer.save_final=false", "trainer.export_hf=false",
+                   f"trainer.output_dir={out}"], tmp_path))
+    (run,) = run_dirs(out)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "eval/retrieval_acc" in line]
+    before, after = evals[0]["eval/retrieval_acc"], evals[-1]["eval/retrieval_acc"]
+    assert before <= 0.2 and after >= 0.3, (before, after)  # chance is 0.1

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
         "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16", "data.seq_len=256",
         "data.eval_samples=4", "attention.block_size=32", "attention.segment_size=64",
-        "attention.backend=torch", "logging.progress_bar=false", "optim.warmup_steps=2"]
+        "attention.backend=torch", "logging.progress_bar=false", "optim.warmup_steps=2",
+        "trainer.micro_batch_size=2"]
 
 
 def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:

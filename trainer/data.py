@@ -31,6 +31,7 @@ class DataConfig:
     num_keys: int = 1  # passkey: key/value lines hidden in the filler (multi-key retrieval)
     passkey_digits: int = 5
     answer_only_loss: bool = False  # passkey: loss on answer only (else also LM loss on filler)
+    min_len: Optional[int] = None  # passkey train items: length log-uniform in [min_len, seq_len]
 
 
 # ---------------------------------------------------------------- passkey retrieval
@@ -56,17 +57,19 @@ def _sentence(rng: random.Random) -> str:
 
 
 class PasskeyDataset(Dataset):
-    """Filler text with ``num_keys`` "The pass key for <name> is <digits>." lines at random
-    depths, ending with a question about one name and its answer, exactly ``seq_len`` tokens:
+    """Filler text with ``num_keys`` "The pass key is <digits>." lines at random depths, ending
+    with a question about one of them and its answer, exactly ``seq_len`` tokens:
 
-        <bos> filler.. key line.. filler.. \\nWhat is the pass key for <name>? The pass key for <name> is #<digits><eos>
+        <bos> filler.. key line.. filler.. \\nWhat is the pass key? The pass key is <digits><eos>
+
+    (with several keys: "pass key for <name>" in the key lines and the question).
 
     Item ``i`` depends only on (seed, split, i).
     """
 
     def __init__(self, tokenizer, seq_len: int, seed: int, *, num_keys: int = 1,
                  digits: int = 5, answer_only_loss: bool = False, length: int = 10**9,
-                 split: str = "train"):
+                 split: str = "train", min_len: Optional[int] = None):
         if num_keys < 1 or num_keys > len(NAMES):
             raise ValueError(f"data.num_keys must be in 1..{len(NAMES)}, got {num_keys}")
         if digits < 1:
@@ -85,6 +88,12 @@ class PasskeyDataset(Dataset):
         if seq_len < fixed + 32:
             raise ValueError(f"data.seq_len={seq_len} too short for {num_keys} passkey(s); "
                              f"need at least {fixed + 32}")
+        if min_len is not None and not fixed + 32 <= min_len <= seq_len:
+            raise ValueError(f"data.min_len={min_len} must be in [{fixed + 32}, "
+                             f"data.seq_len={seq_len}] for {num_keys} passkey(s)")
+        self.min_len = min_len
+        pad = tokenizer.pad_token_id
+        self._pad = pad if pad is not None else (self._eos or [0])[0]
 
     def __len__(self) -> int:
         return self.length
@@ -92,27 +101,33 @@ class PasskeyDataset(Dataset):
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    @staticmethod
-    def _key_line(name: str, value: str) -> str:
-        return f" The pass key for {name} is #{value}. Remember it."
+    def _subject(self, name: str) -> str:
+        """"pass key" alone for one key (the classic passkey task), "pass key for <name>" for
+        several, so the question says which one."""
+        return "pass key" if self.num_keys == 1 else f"pass key for {name}"
 
-    @staticmethod
-    def _question(name: str) -> str:
-        # Ends like the key line, so the answer follows the same context (an induction-head copy);
-        # "#" occurs only before pass keys: a one-token prefix to match.
-        return f"\nWhat is the pass key for {name}? The pass key for {name} is #"
+    def _key_line(self, name: str, value: str) -> str:
+        return f" The {self._subject(name)} is {value}. Remember it."
+
+    def _question(self, name: str) -> str:
+        # Ends like the key line, so the answer follows the same context.
+        subject = self._subject(name)
+        return f"\nWhat is the {subject}? The {subject} is "
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = random.Random(f"{self.split}:{self.seed}:{i}")
+        size = self.seq_len
+        if self.min_len is not None:  # log-uniform length, right-padded: short items learn first
+            size = min(size, int(self.min_len * (self.seq_len / self.min_len) ** rng.random()))
         names = rng.sample(NAMES, self.num_keys)
         values = ["".join(rng.choice("0123456789") for _ in range(self.digits)) for _ in names]
         target = rng.randrange(self.num_keys)
         keys = [self._ids(self._key_line(n, v)) for n, v in zip(names, values)]
         question = self._ids(self._question(names[target]))
         answer = self._ids(values[target])
-        budget = (self.seq_len - len(self._bos) - len(question) - len(answer) - len(self._eos)
+        budget = (size - len(self._bos) - len(question) - len(answer) - len(self._eos)
                   - sum(map(len, keys)))
         filler, bounds = self._filler(rng, budget)
         depths = sorted(rng.choice(bounds) for _ in keys)
@@ -123,10 +138,12 @@ class PasskeyDataset(Dataset):
         ids += filler[prev:] + question
         start = len(ids)
         ids += answer + self._eos
-        input_ids = torch.tensor(ids, dtype=torch.long)
+        input_ids = torch.full((self.seq_len,), self._pad, dtype=torch.long)
+        input_ids[:size] = torch.tensor(ids, dtype=torch.long)
         answer_mask = torch.zeros(self.seq_len, dtype=torch.bool)
         answer_mask[start:start + len(answer)] = True
         labels = input_ids.clone()
+        labels[size:] = IGNORE
         if self.answer_only_loss:
             labels[:start] = IGNORE
         return {"input_ids": input_ids, "labels": labels, "answer_mask": answer_mask}
@@ -291,7 +308,8 @@ def build_train_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
     """Training set selected by ``cfg.name``; deterministic (item i depends on seed and i)."""
     if cfg.name == "passkey":
         return PasskeyDataset(tokenizer, cfg.seq_len, seed, num_keys=cfg.num_keys,
-                              digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss)
+                              digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,
+                              min_len=cfg.min_len)
     if cfg.name in ("jsonl", "hf_disk"):
         if not cfg.path:
             raise ValueError(f"data.name={cfg.name} needs data.path")
