@@ -61,6 +61,17 @@ def test_typo_and_wrong_type_fail_at_composition():
     assert "Could not find 'deepspeed/zero4'" in _composition_error(["deepspeed=zero4"])
 
 
+def assert_same_logits_and_grads(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor,
+                                 tol: tuple[float, float], grad_tol: tuple[float, float]) -> None:
+    """Same logits (atol, rtol) and parameter gradients of a square-mean loss."""
+    out_a, out_b = a(ids).logits, b(ids).logits
+    torch.testing.assert_close(out_a, out_b, atol=tol[0], rtol=tol[1])
+    out_a.square().mean().backward()
+    out_b.square().mean().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=grad_tol[0], rtol=grad_tol[1], msg=name)
+
+
 def test_cfg_job_and_cli_errors(tmp_path):
     out = check(run_job(["--cfg", "job", "trainer.max_steps=3", "deepspeed=zero2"], tmp_path))
     cfg = OmegaConf.create(out[out.index("model:"):])
@@ -108,12 +119,7 @@ def test_pbs_in_llama_matches_sdpa_at_threshold_one(family):
     dense.load_state_dict(pbs.state_dict())
     tracker = install_attention(pbs, attn)
     ids = torch.randint(0, 50, (2, 256))
-    out_pbs, out_dense = pbs(ids).logits, dense(ids).logits
-    torch.testing.assert_close(out_pbs, out_dense, atol=2e-5, rtol=1e-4)
-    out_pbs.square().mean().backward()
-    out_dense.square().mean().backward()
-    for (name, a), b in zip(pbs.named_parameters(), dense.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3, msg=name)
+    assert_same_logits_and_grads(pbs, dense, ids, (2e-5, 1e-4), (1e-5, 1e-3))
     assert set(tracker.reduce()) == {0, 1}
     # A threshold below 1 skips blocks: output differs, density drops below the causal total.
     install_attention(pbs, AttentionConfig(threshold=0.3, block_size=32, segment_size=64,
@@ -181,12 +187,7 @@ def test_gpu_flex_trains_like_pbs():
     install_attention(pbs, pbs_attn)
     tracker.time_plans = True
     ids = torch.randint(0, 50, (2, 1024), device="cuda")
-    out_flex, out_pbs = flex(ids).logits, pbs(ids).logits
-    torch.testing.assert_close(out_flex, out_pbs, atol=1e-4, rtol=1e-3)
-    out_flex.square().mean().backward()
-    out_pbs.square().mean().backward()
-    for (name, a), b in zip(flex.named_parameters(), pbs.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-2, msg=name)
+    assert_same_logits_and_grads(flex, pbs, ids, (1e-4, 1e-3), (1e-4, 1e-2))
     assert max(tracker.reduce().values()) < 1.0 and tracker.reduce_plan_ms() > 0
 
 
