@@ -75,7 +75,8 @@ def common(seq_len: int, eval_lens: list[int], steps: int, batch: int, lr: float
     lens = ",".join(map(str, eval_lens))
     return ["data=passkey", f"data.seq_len={seq_len}", f"data.eval_seq_lens=[{lens}]",
             f"data.eval_samples={samples}", f"trainer.max_steps={steps}",
-            f"trainer.micro_batch_size={batch}", "trainer.gradient_checkpointing=false",
+            f"trainer.micro_batch_size={batch}", "trainer.grad_accum=1",
+            "trainer.gradient_checkpointing=false",
             "trainer.save_final=false", f"optim.lr={lr}", "optim.warmup_steps=" + str(
                 min(100, max(1, steps // 10)))]
 

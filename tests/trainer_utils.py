@@ -17,7 +17,7 @@ TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers
         "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16", "data.seq_len=256",
         "data.eval_samples=4", "attention.block_size=32", "attention.segment_size=64",
         "attention.backend=torch", "logging.progress_bar=false", "optim.warmup_steps=2",
-        "trainer.micro_batch_size=2"]
+        "trainer.grad_accum=1"]
 
 
 def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
