@@ -39,3 +39,12 @@ def relative_errors(q, k, v, threshold=0.9, block_size=32, segment_size=64, perm
         assert torch.isfinite(got).all(), f"{name} has NaN/inf"
         errors[name] = ((got.double() - want).norm() / want.norm()).item()
     return plan, errors
+
+
+def assert_low_precision_errors(errors: dict[str, float], tol: float) -> None:
+    """out/dv within ``tol``, dq/dk within 4x ``tol``: as in FlashAttention, the backward's
+    delta = rowsum(dO * O) uses the stored (rounded) O, and on rows that one outlier key dominates,
+    dS = P (dP - delta) cancels, so that rounding is amplified in dq/dk (interpreter, 14 random
+    draws with outliers: bf16 dk up to 0.035, fp16 dk up to 0.0015; out/dv below 0.004 / 0.0003)."""
+    assert errors["out"] < tol and errors["dv"] < tol, errors
+    assert errors["dq"] < 4 * tol and errors["dk"] < 4 * tol, errors
