@@ -92,8 +92,7 @@ class PasskeyDataset(Dataset):
             raise ValueError(f"data.min_len={min_len} must be in [{fixed + 32}, "
                              f"data.seq_len={seq_len}] for {num_keys} passkey(s)")
         self.min_len = min_len
-        pad = tokenizer.pad_token_id
-        self._pad = pad if pad is not None else (self._eos or [0])[0]
+        self._pad_id = _pad_id(tokenizer) if min_len is not None else 0  # 0: never written
 
     def __len__(self) -> int:
         return self.length
@@ -138,15 +137,11 @@ class PasskeyDataset(Dataset):
         ids += filler[prev:] + question
         start = len(ids)
         ids += answer + self._eos
-        input_ids = torch.full((self.seq_len,), self._pad, dtype=torch.long)
-        input_ids[:size] = torch.tensor(ids, dtype=torch.long)
-        answer_mask = torch.zeros(self.seq_len, dtype=torch.bool)
-        answer_mask[start:start + len(answer)] = True
-        labels = input_ids.clone()
-        labels[size:] = IGNORE
-        if self.answer_only_loss:
-            labels[:start] = IGNORE
-        return {"input_ids": input_ids, "labels": labels, "answer_mask": answer_mask}
+        labels = [IGNORE] * start + ids[start:] if self.answer_only_loss else ids
+        item = _pad(ids, labels, self.seq_len, self._pad_id)  # right padding of a shorter item
+        item["answer_mask"] = torch.zeros(self.seq_len, dtype=torch.bool)
+        item["answer_mask"][start:start + len(answer)] = True
+        return item
 
     def _filler(self, rng: random.Random, budget: int) -> tuple[list[int], list[int]]:
         """Exactly ``budget`` filler tokens from a small per-item pool of sentences of made-up
