@@ -61,8 +61,9 @@ def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_si
     if backend == "triton":
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
-                 backend == "triton")[0]
+    with torch.no_grad():  # the permuted keys are dropped: no autograd node for their gather
+        return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+                     backend == "triton")[0]
 
 
 def _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
