@@ -51,6 +51,7 @@ def test_heavy_hitter_keys_move_to_the_front_of_their_segment():
 
 def test_gqa_importance_is_averaged_over_the_group():
     q, k, _ = _qkv(Hq=4, Hkv=2, N=256, D=16)
+    k = k / k.norm(dim=-1, keepdim=True) * 4  # equal norms: k10 is the unique best match of k10
     perm = segment_permutation(q, k, 32, 64, 0.25)
     # A query head of group 0 pointing at key 10 alone must not move it to the front...
     q2 = q.clone()
