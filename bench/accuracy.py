@@ -1,7 +1,7 @@
 """Accuracy kept by PBS, on a small Llama trained here (all through ``python -m trainer.train``).
 
-Stage A: train a small Llama (GQA, head_dim 64) densely on passkey retrieval at ``--len-a``;
-         exports ``<runs-dir>/A/hf``.
+Stage A: train a small Llama (GQA, head_dim 64) densely on passkey retrieval at ``--len-a``
+         (one run per ``--lr-a``); exports ``<runs-dir>/A*/hf``, the best recorded in ``--out``.
 Stage B: evaluate that export, no training, with dense SDPA and PBS at each ``--thresholds``
          (with and without permutation) at every ``--lens-b``: retrieval accuracy, eval loss,
          density per layer (from one optimizer step at lr 0, which leaves the weights unchanged).
@@ -9,21 +9,27 @@ Stage C: continue training the export at ``--len-c`` with dense vs PBS vs PBS ``
          (same steps, data and seed): retrieval accuracy, eval loss, density per layer.
 
     python3 -m bench.accuracy --stage A
-    python3 -m bench.accuracy --stage B          # reads <runs-dir>/A/hf (or --model-path)
+    python3 -m bench.accuracy --stage B          # reads stage A's best export (or --model-path)
     python3 -m bench.accuracy --stage C
 
 Each stage stores its results in ``--out`` under its letter (stage B rows merge by name and length,
-so ``--lens-b`` can be split over several calls).
+so ``--lens-b`` can be split over several calls). ``--jobs N`` runs N trainer processes at once,
+round-robin over the visible GPUs (a tiny model leaves most of a GPU idle).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from bench.runner import (TrainerRun, environment, load_json, markdown_table, run_trainer,
-                          save_json)
+from bench.runner import (
+    TrainerRun,
+    environment,
+    load_json,
+    markdown_table,
+    run_trainers,
+    save_json,
+)
 
 PBS = ["attention=pbs", "attention.block_size=64", "attention.segment_size=256"]
 
@@ -38,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--len-a", type=int, default=4096, help="stage A length (default 4096)")
     p.add_argument("--steps-a", type=int, default=2000, help="stage A steps (default 2000)")
     p.add_argument("--batch-a", type=int, default=8, help="stage A micro batch (default 8)")
-    p.add_argument("--lr-a", type=float, default=1e-3, help="stage A peak LR (default 1e-3)")
+    p.add_argument("--lr-a", type=float, nargs="+", default=[1e-3],
+                   help="stage A peak LR; several: one run each, the best feeds B/C (default 1e-3)")
     p.add_argument("--lens-b", type=int, nargs="+", default=[4096, 16384],
                    help="stage B lengths (default 4096 16384)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 1.0],
@@ -51,11 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=64, help="passkey items per eval length")
     p.add_argument("--budget-s", type=float, default=480,
                    help="per stage: runs stop / are skipped past this (default 480 s)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainer runs at a time, round-robin over the visible GPUs (default 1)")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--runs-dir", default="runs/accuracy",
                    help="trainer output_dir (default runs/accuracy; stage A exports to <it>/A/hf)")
     p.add_argument("--model-path", default=None,
-                   help="stage B/C checkpoint (default <runs-dir>/A/hf)")
+                   help="stage B/C checkpoint (default: stage A's best export in --out)")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy.json"),
                    help="JSON results, one key per stage (default bench/results/accuracy.json)")
     return p.parse_args(argv)
@@ -105,54 +114,70 @@ def summarize(run: TrainerRun, name: str, eval_lens: list[int], tail: int = 10) 
 
 
 def stage_a(args: argparse.Namespace) -> dict:
-    over = model_overrides(args) + common(args.len_a, [args.len_a], args.steps_a, args.batch_a,
-                                          args.lr_a, args.eval_samples)
-    over += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 4)}",
-             "trainer.export_hf=true", *args.extra]
-    run = run_trainer(over, args.runs_dir, "A", timeout_s=args.budget_s)
-    row = summarize(run, "dense", [args.len_a])
-    row["export"] = str(Path(run.run_dir) / "hf")
-    row["curve"] = [(r["step"], r["eval/retrieval_acc"]) for r in run.rows
-                    if "eval/retrieval_acc" in r]
-    return {"settings": vars_of(args), "rows": [row]}
+    """One dense run per ``--lr-a`` (in parallel with ``--jobs``); the best one's export feeds
+    stages B and C. Each run stops at ``--steps-a`` or when the budget runs short."""
+    minutes = max(0.5, (args.budget_s - 120) / 60)  # leaves time for start-up, eval and export
+    base = model_overrides(args) + common(args.len_a, [args.len_a], args.steps_a, args.batch_a,
+                                          0.0, args.eval_samples)
+    base += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 4)}",
+             "trainer.export_hf=true", f"trainer.max_minutes={minutes:.2f}", *args.extra]
+    names = ["A"] if len(args.lr_a) == 1 else [f"A-lr{lr:g}" for lr in args.lr_a]
+    jobs = [(name, base + [f"optim.lr={lr}"]) for name, lr in zip(names, args.lr_a)]
+    rows = []
+    for name, lr, run in zip(names, args.lr_a, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                           args.jobs)):
+        row = summarize(run, name, [args.len_a])
+        row.update(lr=lr, export=str(Path(run.run_dir) / "hf"),
+                   curve=[(r["step"], r["eval/retrieval_acc"]) for r in run.rows
+                          if "eval/retrieval_acc" in r])
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "ok" and r.get(f"acc_{args.len_a}") is not None]
+    best = max(done, key=lambda r: (r[f"acc_{args.len_a}"], -r[f"loss_{args.len_a}"]),
+               default=None)
+    return {"settings": vars_of(args), "rows": rows, "best_export": best and best["export"]}
 
 
 def stage_b(args: argparse.Namespace, model_path: str) -> dict:
-    t0, rows = time.perf_counter(), []
+    configs = [("dense", None, ["attention=sdpa"])]
+    for t in args.thresholds:
+        for permute in (True, False):
+            configs.append((f"pbs_t{t}" + ("" if permute else "_nopermute"), t,
+                            PBS + [f"attention.threshold={t}", f"attention.permute={permute}"]))
+    jobs, keys = [], []
     for n in args.lens_b:
         base = [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
                 "trainer.export_hf=false"]
-        configs = [("dense", None, ["attention=sdpa"])]
-        for t in args.thresholds:
-            for permute in (True, False):
-                configs.append((f"pbs_t{t}" + ("" if permute else "_nopermute"), t,
-                                PBS + [f"attention.threshold={t}", f"attention.permute={permute}"]))
         for name, t, attn in configs:
-            left = args.budget_s - (time.perf_counter() - t0)
-            if left < 30:
-                rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
-                             "error": "budget"})
-                continue
-            run = run_trainer(base + attn + args.extra, args.runs_dir, f"B-{name}-{n}", left)
-            row = summarize(run, name, [n])
-            row.update(seq_len=n, threshold=t, permute="nopermute" not in name,
-                       acc=row.pop(f"acc_{n}"), loss=row.pop(f"loss_{n}"))
-            rows.append(row)
+            jobs.append((f"B-{name}-{n}", base + attn + args.extra))
+            keys.append((name, n, t))
+    rows = []
+    for (name, n, t), run in zip(keys, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                    args.jobs)):
+        if run is None:
+            rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
+                         "error": "budget"})
+            continue
+        row = summarize(run, name, [n])
+        row.update(seq_len=n, threshold=t, permute="nopermute" not in name,
+                   acc=row.pop(f"acc_{n}"), loss=row.pop(f"loss_{n}"))
+        rows.append(row)
     return {"settings": vars_of(args), "model_path": model_path, "rows": rows}
 
 
 def stage_c(args: argparse.Namespace, model_path: str) -> dict:
-    t0, rows = time.perf_counter(), []
     eval_lens = sorted({args.len_a, args.len_c})
     base = [f"model.path={model_path}", *common(args.len_c, eval_lens, args.steps_c, args.batch_c,
                                                  args.lr_c, args.eval_samples),
             "trainer.eval_every=0", "trainer.export_hf=false"]
     pbs = PBS + [f"attention.threshold={args.threshold_c}"]
-    for name, attn in (("dense", ["attention=sdpa"]), ("pbs", pbs + ["attention.permute=true"]),
-                       ("pbs_nopermute", pbs + ["attention.permute=false"])):
-        left = args.budget_s - (time.perf_counter() - t0)
-        run = run_trainer(base + attn + args.extra, args.runs_dir, f"C-{name}", left)
-        rows.append(summarize(run, name, eval_lens))
+    variants = (("dense", ["attention=sdpa"]), ("pbs", pbs + ["attention.permute=true"]),
+                ("pbs_nopermute", pbs + ["attention.permute=false"]))
+    jobs = [(f"C-{name}", base + attn + args.extra) for name, attn in variants]
+    rows = []
+    for (name, _), run in zip(variants, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                     args.jobs)):
+        rows.append(summarize(run, name, eval_lens) if run is not None else
+                    {"name": name, "status": "skipped", "error": "budget"})
     return {"settings": vars_of(args), "model_path": model_path, "eval_lens": eval_lens,
             "rows": rows}
 
@@ -200,10 +225,10 @@ def permutation_gain(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    model_path = args.model_path or str(Path(args.runs_dir) / "A" / "hf")
+    model_path = args.model_path or load_json(args.out).get("A", {}).get("best_export") or ""
     if args.stage != "A" and not (Path(model_path) / "config.json").exists():
-        raise SystemExit(f"no stage A export at {model_path}: run --stage A first or pass "
-                         "--model-path")
+        raise SystemExit(f"no stage A export ({model_path or 'none recorded in ' + str(args.out)})"
+                         ": run --stage A first or pass --model-path")
     res = {"A": stage_a, "B": stage_b, "C": stage_c}[args.stage](
         *(args,) if args.stage == "A" else (args, str(Path(model_path).resolve())))
     res.update(environment())

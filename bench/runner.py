@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -43,11 +44,14 @@ class TrainerRun:
 
 
 def run_trainer(overrides: list[str], output_dir: str, run_id: str,
-                timeout_s: float) -> TrainerRun:
-    """``python -m trainer.train <overrides>`` into ``output_dir/run_id``; never raises."""
+                timeout_s: float, gpu: int | None = None) -> TrainerRun:
+    """``python -m trainer.train <overrides>`` into ``output_dir/run_id`` (on GPU ``gpu`` if
+    given); never raises."""
     run_dir = Path(output_dir) / run_id
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     env = {**os.environ, "PBS_RUN_ID": run_id}  # the trainer picks a free port by itself
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     cmd = [sys.executable, "-m", "trainer.train", f"trainer.output_dir={output_dir}", *QUIET,
            *overrides]
     print("$ " + " ".join(cmd), flush=True)
@@ -68,6 +72,28 @@ def run_trainer(overrides: list[str], output_dir: str, run_id: str,
         status = "oom"
     print(out[-3000:], flush=True)
     return TrainerRun(status, wall, str(run_dir), rows, error_line(out) or status)
+
+
+def run_trainers(jobs: list[tuple[str, list[str]]], output_dir: str, budget_s: float,
+                 parallel: int = 1) -> list[TrainerRun | None]:
+    """Run ``(run_id, overrides)`` jobs, ``parallel`` at a time (round-robin over the visible
+    GPUs, several per GPU if ``parallel`` exceeds them), each with the budget left when it starts;
+    a job that would start with under 30 s left is skipped (None). Results in job order."""
+    import torch
+
+    gpus = list(range(torch.cuda.device_count()))
+    t0 = time.perf_counter()
+
+    def one(i: int, run_id: str, overrides: list[str]) -> TrainerRun | None:
+        left = budget_s - (time.perf_counter() - t0)
+        if left < 30:
+            return None
+        gpu = gpus[i % len(gpus)] if len(gpus) > 1 else None
+        return run_trainer(overrides, output_dir, run_id, left, gpu)
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = [pool.submit(one, i, run_id, over) for i, (run_id, over) in enumerate(jobs)]
+        return [f.result() for f in futures]
 
 
 def read_metrics(path: Path) -> list[dict]:

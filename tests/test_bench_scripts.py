@@ -32,9 +32,12 @@ def test_throughput_accuracy_and_plots(tmp_path):
               "--steps-a", "3", "--batch-a", "2", "--eval-samples", "2", "--lens-b", "512",
               "--thresholds", "0.9", "--len-c", "512", "--steps-c", "2", "--batch-c", "1",
               "--runs-dir", str(tmp_path / "acc"), "--out", str(results / "accuracy.json")]
-    a = accuracy.main(["--stage", "A", *common])
-    assert a["rows"][0]["status"] == "ok" and a["rows"][0]["acc_256"] is not None
-    b = accuracy.main(["--stage", "B", *common])
+    a = accuracy.main(["--stage", "A", *common, "--lr-a", "1e-3", "3e-3", "--jobs", "2"])
+    assert [(r["name"], r["status"]) for r in a["rows"]] == [("A-lr0.001", "ok"),
+                                                              ("A-lr0.003", "ok")]
+    assert all(r["acc_256"] is not None for r in a["rows"])
+    assert a["best_export"] in [r["export"] for r in a["rows"]]
+    b = accuracy.main(["--stage", "B", *common, "--jobs", "2"])
     assert [(r["name"], r["status"]) for r in b["rows"]] == [
         ("dense", "ok"), ("pbs_t0.9", "ok"), ("pbs_t0.9_nopermute", "ok")]
     assert len(b["rows"][1]["density_per_layer"]) == 1

@@ -86,6 +86,9 @@ def test_cfg_job_and_cli_errors(tmp_path):
     bad = run_job(["data=jsonl", f"data.path={tmp_path}/bad.jsonl", *TINY,
                    f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"], tmp_path)
     assert bad.returncode != 0 and "bad.jsonl:2" in bad.stderr
+    bad = run_job([*TINY, "trainer.max_minutes=-1", f"trainer.output_dir={tmp_path}/out",
+                   "logging.wandb.mode=disabled"], tmp_path)
+    assert bad.returncode != 0 and "trainer.max_minutes must be >= 0" in bad.stderr
     bad = run_job(["attention=flex", *TINY, f"trainer.output_dir={tmp_path}/out",
                    "logging.wandb.mode=disabled", "trainer.device=cpu"], tmp_path)
     assert bad.returncode != 0 and "needs attention.block_size a multiple of 64" in bad.stderr
@@ -283,8 +286,20 @@ def test_hf_export_reloads_with_same_logits(finished_run):
         torch.testing.assert_close(exported(ids).logits, trained(ids).logits)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+
+def test_max_minutes_stops_early_then_evaluates_saves_and_exports(tmp_path):
+    """A time limit (as on a cluster) ends training early; the final eval, checkpoint and HF
+    export still run, at the step reached."""
+    out = tmp_path / "out"
+    log = check(run_job([*TINY, "trainer.max_steps=1000", "trainer.max_minutes=0.001",
+                         f"trainer.output_dir={out}", "logging.wandb.mode=disabled"], tmp_path))
+    (run,) = run_dirs(out)
+    last = max(losses(run))
+    assert 1 <= last < 1000 and f"stopping at step {last} of 1000" in log
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
+    assert (run / "hf" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == last and "eval/retrieval_acc" in rows[-1]
 
 
 def test_default_recipe_learns_retrieval(tmp_path):
@@ -300,3 +315,7 @@ def test_default_recipe_learns_retrieval(tmp_path):
              if "eval/retrieval_acc" in line]
     before, after = evals[0]["eval/retrieval_acc"], evals[-1]["eval/retrieval_acc"]
     assert before <= 0.2 and after >= 0.3, (before, after)  # chance is 0.1
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -49,6 +49,7 @@ class TrainerConfig:
     """``trainer`` group: loop, batch, checkpoint and eval settings."""
 
     max_steps: int = 100
+    max_minutes: float = 0.0  # stop training after this long (0: none); eval/save/export still run
     micro_batch_size: int = 1
     grad_accum: int = 1
     grad_clip: float = 1.0

@@ -118,7 +118,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from ``cfg``, train ``trainer.max_steps`` steps, save, export."""
+    """Build everything from ``cfg``, train ``trainer.max_steps`` steps (or until
+    ``trainer.max_minutes``), evaluate, save, export."""
     tr = cfg.trainer
     device = init_distributed(tr.device)
     if cfg.attention.impl == "flex" and cfg.attention.block_size % 64:
@@ -127,6 +128,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.attention.impl == "flex" and device.type != "cuda":
         raise ValueError("attention=flex trains on CUDA only: torch FlexAttention has no backward "
                          f"on {device.type}")
+    if tr.max_minutes < 0:
+        raise ValueError(f"trainer.max_minutes must be >= 0 (0: no time limit), got {tr.max_minutes}")
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = HydraConfig.get().runtime.output_dir
     if rank != 0:  # other ranks log to their own file only
@@ -194,6 +197,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     grad_norm = None
     loss_acc = torch.zeros((), device=device)
     t_log, steps_since_log, saved_step = time.perf_counter(), 0, None
+    deadline = time.perf_counter() + 60 * tr.max_minutes if tr.max_minutes > 0 else None
+    done = start_step
     for step in range(start_step, tr.max_steps):
         done = step + 1
         draw = (cfg.logging.image_every > 0 and rank == 0 and tracker.pbs_layers
@@ -241,15 +246,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             save_checkpoint(engine, ckpt_dir, done, _client_state(done, tokens_seen, world),
                             tr.keep_checkpoints)
             saved_step = done
+        if deadline is not None and done < tr.max_steps and out_of_time(deadline, device):
+            log.warning("trainer.max_minutes=%g reached: stopping at step %d of %d",
+                        tr.max_minutes, done, tr.max_steps)
+            break
     bar.close()
 
     final_eval = evaluate(engine, eval_sets, tr.micro_batch_size, device) if eval_sets else {}
-    logger.log(final_eval, step=tr.max_steps)
+    logger.log(final_eval, step=done)
     # The ZeRO-3 export rebuilds the weights from the final checkpoint, so it forces that save.
     export_needs_ckpt = tr.export_hf and engine.zero_optimization_stage() == 3
-    if (tr.save_final or export_needs_ckpt) and saved_step != tr.max_steps:
-        save_checkpoint(engine, ckpt_dir, tr.max_steps,
-                        _client_state(tr.max_steps, tokens_seen, world), tr.keep_checkpoints)
+    if (tr.save_final or export_needs_ckpt) and saved_step != done:
+        save_checkpoint(engine, ckpt_dir, done, _client_state(done, tokens_seen, world),
+                        tr.keep_checkpoints)
     if tr.export_hf:
         export_hf(engine, lm, tokenizer, os.path.join(run_dir, "hf"), ckpt_dir)
     summary = {**last, **final_eval}
@@ -280,6 +289,13 @@ def train_metrics(loss: float, lr: float, grad_norm: float, tokens_seen: int, st
     if plan_ms is not None:
         metrics["attn/plan_ms"] = plan_ms
     return metrics
+
+
+def out_of_time(deadline: float, device: torch.device) -> bool:
+    """True on every rank once any rank has passed ``deadline`` (so all ranks stop together)."""
+    late = torch.tensor(float(time.perf_counter() > deadline), device=device)
+    dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
 
 
 def _grad_norm(engine) -> float:
