@@ -12,7 +12,6 @@ import torch
 from triton.testing import do_bench
 
 from bench.attention import heavy_hitter_qkv, random_block_plan
-from kernels.plan import permute_keys
 from kernels.triton_attention import (BlockIndex, KernelConfig, attention_forward, launch_dkdv,
                                       launch_dq)
 
@@ -38,19 +37,18 @@ def main(argv=None) -> None:
     plan = random_block_plan(B, Hq, Hkv, N, b, args.density, "cuda")
     index = BlockIndex.from_plan(plan)
     key_pos = plan.key_perm.to(torch.int32)
-    kp, vp = permute_keys(k, plan.key_perm), permute_keys(v, plan.key_perm)
     scale = D ** -0.5
-    out, lse = attention_forward(q, kp, vp, key_pos, index, scale, b)
+    out, lse = attention_forward(q, k, v, key_pos, index, scale, b)
     do = torch.randn_like(out)
     delta = (out.float() * do.float()).sum(-1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(kp), torch.empty_like(vp)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flops = 4 * B * Hq * N * N * D / 2 * plan.density
     results = {}
     for name, configs, run, f in (
-        ("fwd", FWD, lambda c: attention_forward(q, kp, vp, key_pos, index, scale, b, c), flops),
-        ("dq", DQ, lambda c: launch_dq(dq, do, q, kp, vp, lse, delta, key_pos, index, scale, b,
+        ("fwd", FWD, lambda c: attention_forward(q, k, v, key_pos, index, scale, b, c), flops),
+        ("dq", DQ, lambda c: launch_dq(dq, do, q, k, v, lse, delta, key_pos, index, scale, b,
                                        c), 1.5 * flops),
-        ("dkdv", DKDV, lambda c: launch_dkdv(dk, dv, do, q, kp, vp, lse, delta, key_pos, index,
+        ("dkdv", DKDV, lambda c: launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index,
                                              scale, b, c), 2.0 * flops),
     ):
         for spec in configs:

@@ -43,9 +43,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
     if backend == "triton":
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    plan, k_perm = _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
-                         backend == "triton")
-    out = _attend(q, k, v, k_perm, plan, scale, backend)
+    plan = _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+                 backend == "triton")
+    out = _attend(q, k, v, plan, scale, backend)
     return (out, plan) if return_plan else out
 
 
@@ -61,25 +61,23 @@ def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_si
     if backend == "triton":
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with torch.no_grad():  # the permuted keys are dropped: no autograd node for their gather
-        return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
-                     backend == "triton")[0]
+    return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+                 backend == "triton")
 
 
+@torch.no_grad()
 def _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
-          use_triton) -> tuple[PBSPlan, torch.Tensor]:
-    """The plan and the keys in permuted order (differentiable in k)."""
-    with torch.no_grad():
-        if permute:
-            key_perm = segment_permutation(q.detach(), k.detach(), block_size, segment_size, scale,
-                                           use_triton)
-        else:
-            key_perm = identity_permutation(k)
-    k_perm = permute_keys(k, key_perm)
-    with torch.no_grad():
-        block_mask = select_blocks(q.detach(), k_perm.detach(), key_perm, block_size,
-                                   segment_size, threshold, sink, scale, density, use_triton)
-    return PBSPlan(key_perm, block_mask, block_size, segment_size), k_perm
+          use_triton) -> PBSPlan:
+    """The plan (a constant for autograd). The permuted keys it pools are a temporary: the
+    attention reads k and v in original order through ``key_perm``."""
+    q, k = q.detach(), k.detach()
+    if permute:
+        key_perm = segment_permutation(q, k, block_size, segment_size, scale, use_triton)
+    else:
+        key_perm = identity_permutation(k)
+    block_mask = select_blocks(q, permute_keys(k, key_perm), key_perm, block_size, segment_size,
+                               threshold, sink, scale, density, use_triton)
+    return PBSPlan(key_perm, block_mask, block_size, segment_size)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBSPlan,
@@ -91,14 +89,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     if backend == "triton":
         _validate_triton(q, plan.block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _attend(q, k, v, permute_keys(k, plan.key_perm), plan, scale, backend)
+    return _attend(q, k, v, plan, scale, backend)
 
 
-def _attend(q, k, v, k_perm, plan, scale, backend):
+def _attend(q, k, v, plan, scale, backend):
+    """k, v in original order for both backends (the Triton kernels gather rows themselves)."""
     if backend == "torch":
         return reference_attention(q, k, v, plan, scale)
     from .triton_attention import triton_block_sparse_attention
-    return triton_block_sparse_attention(q, k_perm, permute_keys(v, plan.key_perm), plan, scale)
+    return triton_block_sparse_attention(q, k, v, plan, scale)
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:

@@ -1,10 +1,12 @@
 """Triton kernels for block-sparse attention over a PBS plan: forward, backward, autograd.
 
-Keys and values arrive already permuted (B, Hkv, N, D). Each query block walks two compacted
-lists of key blocks: "full" blocks from earlier segments (every key precedes every query, no
-mask) and diagonal-segment blocks (token mask ``key_pos[p] <= i`` on original positions).
-The backward computes dQ row-wise over the same lists and dK/dV column-wise from transposed
-lists, one program per KV head summing over its G query heads (no atomics: deterministic).
+Keys and values arrive in original token order (B, Hkv, N, D); the kernels read them through
+the permutation: the key at permuted position p is row ``key_pos[p]`` (no permuted copy of K/V
+is ever made). Each query block walks two compacted lists of key blocks: "full" blocks from
+earlier segments (every key precedes every query, no mask) and diagonal-segment blocks (token
+mask ``key_pos[p] <= i`` on original positions). The backward computes dQ row-wise over the same
+lists and dK/dV column-wise from transposed lists, one program per KV head summing over its G
+query heads (no atomics: deterministic), and stores dK/dV straight to the original rows.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass
 class BlockIndex:
-    """Compacted block lists: ``*_cnt`` int32 (B, Hq, nb); ``*_idx`` int32 (B, Hq, nb, width).
+    """Compacted block lists: ``*_cnt`` int32 (B, Hq, nb); ``*_idx`` (B, Hq, nb, width) int16
+    when nb < 32768, else int32 (kernels widen them to int32 before any arithmetic).
 
     kv lists: per query block, the key blocks it computes; q lists: per key block, the query
     blocks that compute it. ``full`` = off-diagonal-segment, ``part`` = diagonal segment.
@@ -57,11 +60,13 @@ class BlockIndex:
 
 def _compact(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the True entries of each row of a (B, H, R, C) bool mask, in increasing order
-    (int32, (B, H, R, width or C)), and their count (int32, (B, H, R)). Any strides."""
+    ((B, H, R, width or C): int16 when C < 32768, else int32), and their count (int32,
+    (B, H, R)). Any strides."""
     B, H, R, C = mask.shape
     width = C if width is None else width
     count = torch.empty(B, H, R, dtype=torch.int32, device=mask.device)
-    idx = torch.zeros(B, H, R, width, dtype=torch.int32, device=mask.device)
+    idx_dtype = torch.int16 if C < 2**15 else torch.int32
+    idx = torch.zeros(B, H, R, width, dtype=idx_dtype, device=mask.device)
     mask_u8 = mask.view(torch.uint8)
     _compact_rows[(B * H * R,)](mask_u8, count, idx, H, R, C, width, *mask_u8.stride(),
                                 BLOCK_C=triton.next_power_of_2(C))
@@ -79,7 +84,8 @@ def _compact_rows(MASK, COUNT, IDX, H, R, C, width, stride_b, stride_h, stride_r
     m = tl.load(MASK + b * stride_b + h * stride_h + r * stride_r + cols * stride_c,
                 mask=cols < C, other=0).to(tl.int32)
     slot = tl.cumsum(m, axis=0) - 1
-    tl.store(IDX + pid * width + slot, cols, mask=(m > 0) & (slot < width))
+    tl.store(IDX + pid * width + slot, cols.to(IDX.dtype.element_ty),
+             mask=(m > 0) & (slot < width))
     tl.store(COUNT + pid, tl.sum(m, axis=0))
 
 
@@ -91,26 +97,31 @@ def _compact_rows(MASK, COUNT, IDX, H, R, C, width, stride_b, stride_h, stride_r
 def _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
                    DOT_F32: tl.constexpr):
-    """kT (D, n), v (n, D) or vT (D, n), and the original positions of the permuted keys at
-    ``cols``. Unmasked tiles (full blocks) are always in range; their positions are unused."""
+    """kT (D, n), v (n, D) or vT (D, n) of the keys at permuted positions ``cols``, read from
+    the original rows ``key_pos[cols]`` of K and V, and those positions. Unmasked tiles (full
+    blocks) are always in range; masked ones may run past N (position int32 max, zero rows)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = K_ptr + cols[None, :] * stride_kn + offs_d[:, None]
-    if V_TRANSPOSED:
-        v_ptrs = V_ptr + cols[None, :] * stride_vn + offs_d[:, None]
-    else:
-        v_ptrs = V_ptr + cols[:, None] * stride_vn + offs_d[None, :]
     if MASKED:
         in_range = cols < N
+        key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
+        rows = tl.where(in_range, key_pos, 0)
+    else:
+        key_pos = tl.load(KPOS_ptr + cols)
+        rows = key_pos
+    k_ptrs = K_ptr + rows[None, :] * stride_kn + offs_d[:, None]
+    if V_TRANSPOSED:
+        v_ptrs = V_ptr + rows[None, :] * stride_vn + offs_d[:, None]
+    else:
+        v_ptrs = V_ptr + rows[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
         kT = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
         if V_TRANSPOSED:
             v = tl.load(v_ptrs, mask=in_range[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-        key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
     else:
         kT = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-        key_pos = cols
     if DOT_F32:
         kT = kT.to(tl.float32)
         v = v.to(tl.float32)
@@ -127,7 +138,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, I
     offs_n = tl.arange(0, BLOCK_N)
     count = tl.load(CNT_ptr + row)
     for t in range(0, count * SUBS):
-        kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS)
+        kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS).to(tl.int32)
         cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
         kT, v, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
                                         HEAD_DIM, MASKED, False, DOT_F32)
@@ -218,7 +229,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr, CN
     offs_n = tl.arange(0, BLOCK_N)
     count = tl.load(CNT_ptr + row)
     for t in range(0, count * SUBS):
-        kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS)
+        kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS).to(tl.int32)
         cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
         kT, vT, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
                                          HEAD_DIM, MASKED, True, DOT_F32)
@@ -285,7 +296,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_pt
     offs_d = tl.arange(0, HEAD_DIM)
     count = tl.load(CNT_ptr + col)
     for t in range(0, count * SUBS):
-        qblk = tl.load(IDX_ptr + col * idx_width + t // SUBS)
+        qblk = tl.load(IDX_ptr + col * idx_width + t // SUBS).to(tl.int32)
         offs_m = qblk * BLOCK + (t % SUBS) * BLOCK_M + tl.arange(0, BLOCK_M)
         in_rows = offs_m < N
         qT = tl.load(Q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None],
@@ -314,10 +325,11 @@ def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
                    qk_scale, sm_scale, N, H, G, NB,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV (permuted order) of one key tile of one KV head, summed over its G query heads.
-    DK and DV have k's and v's strides."""
+    """dK, dV of one tile of permuted key positions of one KV head, summed over its G query
+    heads. K/V are read from, and DK/DV stored to, the original rows ``key_pos`` of the tile."""
     pid_bhk = tl.program_id(0)
     Hkv = H // G
     b = pid_bhk // Hkv
@@ -327,12 +339,14 @@ def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    cols = offs_n[:, None] < N
-    k_off = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_off = b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    k = tl.load(K + k_off, mask=cols, other=0.0)
-    v = tl.load(V + v_off, mask=cols, other=0.0)
-    key_pos = tl.load(KPOS + pid_bhk * N + offs_n, mask=offs_n < N, other=2147483647)
+    in_range = offs_n < N
+    key_pos = tl.load(KPOS + pid_bhk * N + offs_n, mask=in_range, other=2147483647)
+    rows = tl.where(in_range, key_pos, 0)[:, None]
+    cols = in_range[:, None]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kn + offs_d[None, :],
+                mask=cols, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + rows * stride_vn + offs_d[None, :],
+                mask=cols, other=0.0)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -354,8 +368,10 @@ def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
                                       PART_CNT, PART_IDX, col, part_width, N, stride_qn,
                                       stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, True,
                                       DOT_F32, PRECISION)
-    tl.store(DK + k_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
-    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=cols)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +438,7 @@ def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: 
 def attention_backward(do, q, k, v, out, lse, key_pos, index: BlockIndex, scale: float,
                        block: int, dq_cfg: KernelConfig = BWD_DQ_CONFIG,
                        dkdv_cfg: KernelConfig = BWD_DKDV_CONFIG):
-    """Returns dq, dk, dv; dk and dv in the permuted key order of k and v."""
+    """Returns dq, dk, dv; k, v, dk and dv in original token order."""
     B, H, N, D = q.shape
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(B * H, triton.cdiv(N, 64))](
@@ -462,20 +478,21 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
         index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
         index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
         scale * LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
-        *_strides(q, k, v, do),
+        *_strides(q, k, v, do, dk, dv),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
-    """Attention over permuted keys/values with a compacted block index (Triton)."""
+    """Attention with a compacted block index (Triton). k, v (and dk, dv) in original token
+    order; ``key_pos`` int32 (B, Hkv, N) is the plan's key order (original row of permuted p)."""
 
     @staticmethod
-    def forward(ctx, q, k_perm, v_perm, key_pos, scale, block, *index_tensors):
+    def forward(ctx, q, k, v, key_pos, scale, block, *index_tensors):
         index = BlockIndex(*index_tensors)
-        out, lse = attention_forward(q, k_perm, v_perm, key_pos, index, scale, block)
-        ctx.save_for_backward(q, k_perm, v_perm, out, lse, key_pos, *index_tensors)
+        out, lse = attention_forward(q, k, v, key_pos, index, scale, block)
+        ctx.save_for_backward(q, k, v, out, lse, key_pos, *index_tensors)
         ctx.scale, ctx.block = scale, block
         return out
 
@@ -489,11 +506,12 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * (3 + len(index_tensors))
 
 
-def triton_block_sparse_attention(q: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor,
+def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   plan: PBSPlan, scale: float) -> torch.Tensor:
-    """Differentiable Triton attention; k_perm, v_perm already in the plan's key order."""
-    q, k_perm, v_perm = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_perm, v_perm))
+    """Differentiable Triton attention; k, v in original token order (the kernels read them
+    through ``plan.key_perm``), gradients returned in original order."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     key_pos = plan.key_perm.to(torch.int32).contiguous()
     index = BlockIndex.from_plan(plan)
-    return BlockSparseAttentionFunction.apply(q, k_perm, v_perm, key_pos, scale,
-                                              plan.block_size, *index.tensors())
+    return BlockSparseAttentionFunction.apply(q, k, v, key_pos, scale, plan.block_size,
+                                              *index.tensors())

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_checks import assert_low_precision_errors, random_qkv, relative_errors
-from kernels import PBSPlan, block_sparse_attention, pbs_attention
+from kernels import PBSPlan, block_sparse_attention, pbs_attention, pbs_plan, reference_attention
 
 # Triton runs on the GPU when there is one, else under the interpreter (tests/conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,3 +139,36 @@ def test_block_index_lists_are_compacted_rows_in_order():
                                idx.reshape(-1, m.shape[-1])):
             want = torch.nonzero(row).flatten()
             assert c.item() == len(want) and torch.equal(ids[:c].cpu().long(), want)
+        assert idx.dtype == torch.int16 and count.dtype == torch.int32
+
+
+def test_triton_reads_original_order_kv_through_the_permutation():
+    """K/V enter the kernels unpermuted (strided views here, v not even dense): no gather node in
+    the graph, the Function saves k and v themselves, and dk/dv come back in original order."""
+    B, Hq, Hkv, N, D, b, S = 1, 4, 2, 150, 64, 16, 32
+    q = torch.randn(B, Hq, N, D, device=DEVICE, requires_grad=True)
+    k_base = torch.randn(B, N, Hkv, D, device=DEVICE, requires_grad=True)  # (B, N, H, D) layout
+    v_base = torch.randn(B, N, Hkv, 2 * D, device=DEVICE, requires_grad=True)
+    k, v = k_base.transpose(1, 2), v_base[..., D:].transpose(1, 2)
+    plan = pbs_plan(q, k, block_size=b, segment_size=S, threshold=0.6, backend="triton")
+    assert not torch.equal(plan.key_perm, torch.arange(N, device=DEVICE).expand(B, Hkv, N))
+    out = block_sparse_attention(q, k, v, plan, backend="triton")
+    saved = [t for t in out.grad_fn.saved_tensors if t.shape == k.shape]
+    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {k.data_ptr(), v.data_ptr()}
+    nodes, seen = [out.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        assert "Gather" not in type(node).__name__ and "Scatter" not in type(node).__name__
+        nodes.extend(n for n, _ in node.next_functions)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, plan)
+    ref.backward(dout.double())
+    for got, want in ((out, ref), (q.grad, q64.grad), (k_base.grad.transpose(1, 2), k64.grad),
+                      (v_base.grad[..., D:].transpose(1, 2), v64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    assert v_base.grad[..., :D].abs().max() == 0
