@@ -44,14 +44,14 @@ class TrainerRun:
 
 
 def run_trainer(overrides: list[str], output_dir: str, run_id: str,
-                timeout_s: float, gpu: int | None = None) -> TrainerRun:
+                timeout_s: float, gpu: str | None = None) -> TrainerRun:
     """``python -m trainer.train <overrides>`` into ``output_dir/run_id`` (on GPU ``gpu`` if
     given); never raises."""
     run_dir = Path(output_dir) / run_id
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     env = {**os.environ, "PBS_RUN_ID": run_id}  # the trainer picks a free port by itself
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     cmd = [sys.executable, "-m", "trainer.train", f"trainer.output_dir={output_dir}", *QUIET,
            *overrides]
     print("$ " + " ".join(cmd), flush=True)
@@ -81,7 +81,9 @@ def run_trainers(jobs: list[tuple[str, list[str]]], output_dir: str, budget_s: f
     a job that would start with under 30 s left is skipped (None). Results in job order."""
     import torch
 
-    gpus = list(range(torch.cuda.device_count()))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    gpus = gpus[:torch.cuda.device_count()]
     t0 = time.perf_counter()
 
     def one(i: int, run_id: str, overrides: list[str]) -> TrainerRun | None:
