@@ -1,12 +1,16 @@
 """Triton kernels for block-sparse attention over a PBS plan: forward, backward, autograd.
 
-Keys and values arrive in original token order (B, Hkv, N, D); the kernels read them through
-the permutation: the key at permuted position p is row ``key_pos[p]`` (no permuted copy of K/V
-is ever made). Each query block walks two compacted lists of key blocks: "full" blocks from
-earlier segments (every key precedes every query, no mask) and diagonal-segment blocks (token
-mask ``key_pos[p] <= i`` on original positions). The backward computes dQ row-wise over the same
-lists and dK/dV column-wise from transposed lists, one program per KV head summing over its G
-query heads (no atomics: deterministic), and stores dK/dV straight to the original rows.
+Keys and values enter the autograd Function in original token order (B, Hkv, N, D);
+``key_pos[p]`` is the original row of the key at permuted position p. The forward and dQ kernels
+read a transient permuted copy of K/V (contiguous rows pipeline better than rows addressed
+through ``key_pos`` in every tile), made inside the Function under no_grad and freed right after
+the kernel: nothing permuted is saved for backward. Each query block walks two compacted lists
+of key blocks: "full" blocks from earlier segments (every key precedes every query, no mask) and
+diagonal-segment blocks (token mask ``key_pos[p] <= i`` on original positions). The backward
+computes dQ row-wise over the same lists, frees its permuted copy, then dK/dV column-wise from
+transposed lists, one program per KV head summing over its G query heads (no atomics:
+deterministic); that kernel reads its key tile from the original K/V through ``key_pos`` and
+stores dK/dV straight to the original rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import PBSPlan
+from .plan import PBSPlan, permute_keys
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -98,30 +102,27 @@ def _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
                    DOT_F32: tl.constexpr):
     """kT (D, n), v (n, D) or vT (D, n) of the keys at permuted positions ``cols``, read from
-    the original rows ``key_pos[cols]`` of K and V, and those positions. Unmasked tiles (full
-    blocks) are always in range; masked ones may run past N (position int32 max, zero rows)."""
+    the permuted K/V copies (contiguous rows ``cols``), and the original positions of those keys.
+    Unmasked tiles (full blocks) are always in range and load no positions (``cols`` is returned,
+    unused); masked ones may run past N (position int32 max, zero rows)."""
     offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K_ptr + cols[None, :] * stride_kn + offs_d[:, None]
+    if V_TRANSPOSED:
+        v_ptrs = V_ptr + cols[None, :] * stride_vn + offs_d[:, None]
+    else:
+        v_ptrs = V_ptr + cols[:, None] * stride_vn + offs_d[None, :]
     if MASKED:
         in_range = cols < N
-        key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
-        rows = tl.where(in_range, key_pos, 0)
-    else:
-        key_pos = tl.load(KPOS_ptr + cols)
-        rows = key_pos
-    k_ptrs = K_ptr + rows[None, :] * stride_kn + offs_d[:, None]
-    if V_TRANSPOSED:
-        v_ptrs = V_ptr + rows[None, :] * stride_vn + offs_d[:, None]
-    else:
-        v_ptrs = V_ptr + rows[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
         kT = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
         if V_TRANSPOSED:
             v = tl.load(v_ptrs, mask=in_range[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
     else:
         kT = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+        key_pos = cols
     if DOT_F32:
         kT = kT.to(tl.float32)
         v = v.to(tl.float32)
@@ -414,11 +415,22 @@ def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
 
 
-def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: int,
+def permuted_kv(k: torch.Tensor, v: torch.Tensor,
+                key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permuted copies of k and v (B, Hkv, N, D), row p = original row ``key_pos[p]``, made
+    without autograd: transient inputs of the forward and dQ kernels, never saved."""
+    with torch.no_grad():
+        perm = key_pos.long()
+        return permute_keys(k, perm), permute_keys(v, perm)
+
+
+def attention_forward(q, k_perm, v_perm, key_pos, index: BlockIndex, scale: float, block: int,
                       cfg: KernelConfig = FWD_CONFIG):
-    """Returns (out (B, Hq, N, D) in q.dtype, lse (B, Hq, N) fp32 log2-domain)."""
+    """Returns (out (B, Hq, N, D) in q.dtype, lse (B, Hq, N) fp32 log2-domain). ``k_perm``,
+    ``v_perm`` in the plan's key order (``permuted_kv``); ``key_pos`` only masks the diagonal
+    segment."""
     B, H, N, D = q.shape
-    G = H // k.shape[1]
+    G = H // k_perm.shape[1]
     nb = index.full_kv_cnt.shape[-1]
     cfg = cfg.fit(block, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -426,10 +438,10 @@ def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: 
     dot_f32, precision = dot_settings(q)
     grid = (B * H, triton.cdiv(N, cfg.block_m))
     _attn_fwd[grid](
-        q, k, v, key_pos, out, lse,
+        q, k_perm, v_perm, key_pos, out, lse,
         index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
-        scale * LOG2E, N, H, G, nb, *_strides(q, k, v, out),
+        scale * LOG2E, N, H, G, nb, *_strides(q, k_perm, v_perm, out),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_F32=dot_f32,
         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -438,30 +450,35 @@ def attention_forward(q, k, v, key_pos, index: BlockIndex, scale: float, block: 
 def attention_backward(do, q, k, v, out, lse, key_pos, index: BlockIndex, scale: float,
                        block: int, dq_cfg: KernelConfig = BWD_DQ_CONFIG,
                        dkdv_cfg: KernelConfig = BWD_DKDV_CONFIG):
-    """Returns dq, dk, dv; k, v, dk and dv in original token order."""
+    """Returns dq, dk, dv; k, v, dk and dv in original token order. The dQ kernel reads a
+    transient permuted copy of k, v, freed before dk, dv are allocated and the dK/dV kernel
+    (which reads k, v through ``key_pos``) runs: the copies never coexist with dk, dv."""
     B, H, N, D = q.shape
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(B * H, triton.cdiv(N, 64))](
         out, do, delta, N, *_strides(out, do), H, HEAD_DIM=D, BLOCK_M=64)
     dq = torch.empty_like(q)
+    k_perm, v_perm = permuted_kv(k, v, key_pos)
+    launch_dq(dq, do, q, k_perm, v_perm, lse, delta, key_pos, index, scale, block, dq_cfg)
+    del k_perm, v_perm
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    launch_dq(dq, do, q, k, v, lse, delta, key_pos, index, scale, block, dq_cfg)
     launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index, scale, block, dkdv_cfg)
     return dq, dk, dv
 
 
-def launch_dq(dq, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: float, block: int,
-              cfg: KernelConfig = BWD_DQ_CONFIG) -> None:
+def launch_dq(dq, do, q, k_perm, v_perm, lse, delta, key_pos, index: BlockIndex, scale: float,
+              block: int, cfg: KernelConfig = BWD_DQ_CONFIG) -> None:
+    """dQ kernel; ``k_perm``, ``v_perm`` in the plan's key order (``permuted_kv``)."""
     B, H, N, D = q.shape
     cfg = cfg.fit(block, q.dtype)
     dot_f32, precision = dot_settings(q)
     _attn_bwd_dq[(B * H, triton.cdiv(N, cfg.block_m))](
-        q, k, v, key_pos, do, dq, lse, delta,
+        q, k_perm, v_perm, key_pos, do, dq, lse, delta,
         index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
-        scale * LOG2E, scale, N, H, H // k.shape[1], index.full_kv_cnt.shape[-1],
-        *_strides(q, k, v, do),
+        scale * LOG2E, scale, N, H, H // k_perm.shape[1], index.full_kv_cnt.shape[-1],
+        *_strides(q, k_perm, v_perm, do),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
@@ -469,6 +486,7 @@ def launch_dq(dq, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: fl
 
 def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, scale: float,
                 block: int, cfg: KernelConfig = BWD_DKDV_CONFIG) -> None:
+    """dK/dV kernel; ``k``, ``v``, ``dk``, ``dv`` in original token order (rows ``key_pos``)."""
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     cfg = cfg.fit(block, q.dtype)
@@ -486,12 +504,16 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
     """Attention with a compacted block index (Triton). k, v (and dk, dv) in original token
-    order; ``key_pos`` int32 (B, Hkv, N) is the plan's key order (original row of permuted p)."""
+    order; ``key_pos`` int32 (B, Hkv, N) is the plan's key order (original row of permuted p).
+    Saves the original k, v; the permuted copies the forward and dQ kernels read are transient
+    (made here without autograd, freed after their kernel)."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_pos, scale, block, *index_tensors):
         index = BlockIndex(*index_tensors)
-        out, lse = attention_forward(q, k, v, key_pos, index, scale, block)
+        k_perm, v_perm = permuted_kv(k, v, key_pos)
+        out, lse = attention_forward(q, k_perm, v_perm, key_pos, index, scale, block)
+        del k_perm, v_perm
         ctx.save_for_backward(q, k, v, out, lse, key_pos, *index_tensors)
         ctx.scale, ctx.block = scale, block
         return out
@@ -508,8 +530,8 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
 def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   plan: PBSPlan, scale: float) -> torch.Tensor:
-    """Differentiable Triton attention; k, v in original token order (the kernels read them
-    through ``plan.key_perm``), gradients returned in original order."""
+    """Differentiable Triton attention; k, v in original token order (permuted through
+    ``plan.key_perm`` inside the Function), gradients returned in original order."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     key_pos = plan.key_perm.to(torch.int32).contiguous()
     index = BlockIndex.from_plan(plan)

@@ -142,9 +142,29 @@ def test_block_index_lists_are_compacted_rows_in_order():
         assert idx.dtype == torch.int16 and count.dtype == torch.int32
 
 
-def test_triton_reads_original_order_kv_through_the_permutation():
-    """K/V enter the kernels unpermuted (strided views here, v not even dense): no gather node in
-    the graph, the Function saves k and v themselves, and dk/dv come back in original order."""
+def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):
+    """K/V enter the Function unpermuted (strided views here, v not even dense): no gather node in
+    the autograd graph, the Function saves k and v themselves, the permuted copies read by the
+    forward and dQ kernels are freed after their kernel (before the dK/dV kernel runs), and dk/dv
+    come back in original order."""
+    import weakref
+
+    from kernels import triton_attention
+
+    copies = []
+    make_copies, launch_dkdv = triton_attention.permuted_kv, triton_attention.launch_dkdv
+
+    def tracked_copies(*args):
+        kv_perm = make_copies(*args)
+        copies.extend(weakref.ref(x) for x in kv_perm)
+        return kv_perm
+
+    def dkdv_after_copies_freed(*args, **kwargs):
+        assert len(copies) == 4 and all(ref() is None for ref in copies)
+        launch_dkdv(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "permuted_kv", tracked_copies)
+    monkeypatch.setattr(triton_attention, "launch_dkdv", dkdv_after_copies_freed)
     B, Hq, Hkv, N, D, b, S = 1, 4, 2, 150, 64, 16, 32
     q = torch.randn(B, Hq, N, D, device=DEVICE, requires_grad=True)
     k_base = torch.randn(B, N, Hkv, D, device=DEVICE, requires_grad=True)  # (B, N, H, D) layout
@@ -153,6 +173,7 @@ def test_triton_reads_original_order_kv_through_the_permutation():
     plan = pbs_plan(q, k, block_size=b, segment_size=S, threshold=0.6, backend="triton")
     assert not torch.equal(plan.key_perm, torch.arange(N, device=DEVICE).expand(B, Hkv, N))
     out = block_sparse_attention(q, k, v, plan, backend="triton")
+    assert len(copies) == 2 and all(ref() is None for ref in copies)
     saved = [t for t in out.grad_fn.saved_tensors if t.shape == k.shape]
     assert len(saved) == 2 and {t.data_ptr() for t in saved} == {k.data_ptr(), v.data_ptr()}
     nodes, seen = [out.grad_fn], set()
@@ -165,6 +186,7 @@ def test_triton_reads_original_order_kv_through_the_permutation():
         nodes.extend(n for n, _ in node.next_functions)
     dout = torch.randn_like(out)
     out.backward(dout)
+    assert len(copies) == 4
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = reference_attention(q64, k64, v64, plan)
     ref.backward(dout.double())
