@@ -6,7 +6,8 @@ Stage B: evaluate that export, no training, with dense SDPA and PBS at each ``--
          (with and without permutation) at every ``--lens-b``: retrieval accuracy, eval loss,
          density per layer (from one optimizer step at lr 0, which leaves the weights unchanged).
 Stage C: continue training the export at ``--len-c`` with dense vs PBS vs PBS ``permute=false``
-         (same steps, data and seed): retrieval accuracy, eval loss, density per layer.
+         at each ``--threshold-c`` (same steps, data and seed; full-length items): retrieval
+         accuracy, eval loss, density per layer.
 
     python3 -m bench.accuracy --stage A
     python3 -m bench.accuracy --stage B          # reads stage A's best export (or --model-path)
@@ -54,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-c", type=int, default=400, help="stage C steps (default 400)")
     p.add_argument("--batch-c", type=int, default=2, help="stage C micro batch (default 2)")
     p.add_argument("--lr-c", type=float, default=3e-4, help="stage C peak LR (default 3e-4)")
-    p.add_argument("--threshold-c", type=float, default=0.9, help="stage C threshold (default 0.9)")
+    p.add_argument("--threshold-c", type=float, nargs="+", default=[0.9],
+                   help="stage C thresholds, each with and without permutation (default 0.9)")
     p.add_argument("--eval-samples", type=int, default=64, help="passkey items per eval length")
     p.add_argument("--budget-s", type=float, default=480,
                    help="per stage: runs stop / are skipped past this (default 480 s)")
@@ -165,13 +167,19 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
 
 
 def stage_c(args: argparse.Namespace, model_path: str) -> dict:
+    """Dense, then PBS with and without permutation at each ``--threshold-c``, same steps and
+    data. Items are full length (``data.min_len=null``): PBS ranks keys by the last block of
+    queries, which right-padded short items would fill with padding."""
     eval_lens = sorted({args.len_a, args.len_c})
     base = [f"model.path={model_path}", *common(args.len_c, eval_lens, args.steps_c, args.batch_c,
                                                  args.lr_c, args.eval_samples),
-            "trainer.eval_every=0", "trainer.export_hf=false"]
-    pbs = PBS + [f"attention.threshold={args.threshold_c}"]
-    variants = (("dense", ["attention=sdpa"]), ("pbs", pbs + ["attention.permute=true"]),
-                ("pbs_nopermute", pbs + ["attention.permute=false"]))
+            "data.min_len=null", "trainer.eval_every=0", "trainer.export_hf=false",
+            f"trainer.max_minutes={max(0.5, (args.budget_s - 120) / 60):.2f}"]  # a guard only
+    variants = [("dense", ["attention=sdpa"])]
+    for t in args.threshold_c:
+        for permute in (True, False):
+            variants.append((f"pbs_t{t}" + ("" if permute else "_nopermute"),
+                             PBS + [f"attention.threshold={t}", f"attention.permute={permute}"]))
     jobs = [(f"C-{name}", base + attn + args.extra) for name, attn in variants]
     rows = []
     for (name, _), run in zip(variants, run_trainers(jobs, args.runs_dir, args.budget_s,

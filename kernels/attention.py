@@ -18,7 +18,8 @@ _TRITON_HEAD_DIMS = (32, 64, 128)
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 128,
                   segment_size: int = 256, threshold: float = 0.9, sink: bool = True,
                   permute: bool = True, *, density: float | None = None,
-                  scale: float | None = None, return_plan: bool = False,
+                  scale: float | None = None, query_end: torch.Tensor | None = None,
+                  return_plan: bool = False,
                   backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, PBSPlan]:
     """Causal permuted block-sparse attention.
 
@@ -32,6 +33,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
         density: if given, keep a fixed share of causal blocks per query block instead of
             ``threshold`` (for controlled comparisons).
         scale: softmax scale, default 1/sqrt(D).
+        query_end: optional int (B,) real length of each right-padded sequence: key importance
+            then comes from the last ``block_size`` queries before it, not from padding.
         return_plan: also return the :class:`PBSPlan` (permutation, block mask, density).
         backend: "triton", "torch" (dense masked reference) or "auto" (Triton on CUDA or
             under ``TRITON_INTERPRET=1``, else torch).
@@ -39,12 +42,13 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
     Returns (B, Hq, N, D) in the original token order and the input dtype.
     """
     _validate(q, k, v, block_size, segment_size, threshold, density)
+    _validate_query_end(query_end, q)
     backend = _resolve_backend(backend, q)
     if backend == "triton":
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     plan = _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
-                 backend == "triton")
+                 query_end, backend == "triton")
     out = _attend(q, k, v, plan, scale, backend)
     return (out, plan) if return_plan else out
 
@@ -52,27 +56,29 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
 def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_size: int = 256,
              threshold: float = 0.9, sink: bool = True, permute: bool = True, *,
              density: float | None = None, scale: float | None = None,
-             backend: str = "auto") -> PBSPlan:
+             query_end: torch.Tensor | None = None, backend: str = "auto") -> PBSPlan:
     """The plan of :func:`pbs_attention` with the same arguments (permutation + block selection,
     no attention): ``block_sparse_attention(q, k, v, pbs_plan(q, k, ...))`` equals
     ``pbs_attention(q, k, v, ...)``. Lets callers time or reuse the plan."""
     _validate(q, k, k, block_size, segment_size, threshold, density)
+    _validate_query_end(query_end, q)
     backend = _resolve_backend(backend, q)
     if backend == "triton":
         _validate_triton(q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
-                 backend == "triton")
+                 query_end, backend == "triton")
 
 
 @torch.no_grad()
-def _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
+def _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale, query_end,
           use_triton) -> PBSPlan:
     """The plan (a constant for autograd). The permuted keys it pools are a temporary: the
     attention reads k and v in original order through ``key_perm``."""
     q, k = q.detach(), k.detach()
     if permute:
-        key_perm = segment_permutation(q, k, block_size, segment_size, scale, use_triton)
+        key_perm = segment_permutation(q, k, block_size, segment_size, scale, use_triton,
+                                       query_end)
     else:
         key_perm = identity_permutation(k)
     block_mask = select_blocks(q, permute_keys(k, key_perm), key_perm, block_size, segment_size,
@@ -144,6 +150,19 @@ def _validate(q, k, v, block_size, segment_size, threshold, density) -> None:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if density is not None and not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+def _validate_query_end(query_end: torch.Tensor | None, q: torch.Tensor) -> None:
+    if query_end is None:
+        return
+    if not isinstance(query_end, torch.Tensor) or query_end.dtype not in (torch.int32, torch.int64):
+        raise ValueError("query_end must be an int32/int64 tensor of shape (B,), got "
+                         f"{getattr(query_end, 'dtype', type(query_end).__name__)}")
+    if query_end.shape != (q.shape[0],):
+        raise ValueError(f"query_end must have shape (B,) = ({q.shape[0]},), got "
+                         f"{tuple(query_end.shape)}")
+    if query_end.device != q.device:
+        raise ValueError(f"query_end is on {query_end.device}, q on {q.device}")
 
 
 def _validate_triton(q: torch.Tensor, block_size: int) -> None:

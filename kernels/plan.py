@@ -56,12 +56,14 @@ def same_segment(nb: int, block_size: int, segment_size: int,
 
 
 def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segment_size: int,
-                        scale: float, use_triton: bool = False) -> torch.Tensor:
+                        scale: float, use_triton: bool = False,
+                        query_end: torch.Tensor | None = None) -> torch.Tensor:
     """Key order inside each complete segment, most important key first.
 
     Importance of a key = softmax attention it gets from the last ``block_size`` queries
     (no causal mask, over the keys of all complete segments), averaged over those queries and
-    over the G query heads that share its KV head. Returns int64 (B, Hkv, N); the incomplete
+    over the G query heads that share its KV head. ``query_end`` (int (B,), optional): the
+    real length of each right-padded sequence; its last queries before that end are used. Returns int64 (B, Hkv, N); the incomplete
     tail segment (and every N <= segment_size) keeps identity order. ``use_triton`` computes
     the importance with Triton kernels that never hold the (G*b, N) scores.
     """
@@ -74,7 +76,13 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
         return key_perm
 
     nq = min(block_size, N)
-    q_last = q[:, :, N - nq:, :].reshape(B, Hkv, G * nq, D)
+    if query_end is None:
+        q_last = q[:, :, N - nq:, :]
+    else:
+        start = (query_end.clamp(max=N) - nq).clamp(min=0)
+        rows = (start[:, None] + torch.arange(nq, device=q.device))[:, None, :, None]
+        q_last = torch.gather(q, 2, rows.expand(B, Hq, nq, D))
+    q_last = q_last.reshape(B, Hkv, G * nq, D)
     k_seg = k[:, :, :n_complete, :]
     if use_triton:
         from .triton_plan import key_importance

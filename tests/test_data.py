@@ -54,7 +54,8 @@ def test_passkey_items(tok, num_keys):
     ds = build_train_dataset(cfg, tok, seed=3)
     a, b = ds[7], ds[8]
     for item in (a, b):
-        assert all(v.shape == (512,) for v in item.values())
+        assert all(item[k].shape == (512,) for k in ("input_ids", "labels", "answer_mask"))
+        assert int(item["length"]) == 512  # no min_len: full-length items
         answer = tok.decode(item["labels"][item["answer_mask"]].tolist())
         assert len(answer) == cfg.passkey_digits and answer.isdigit()
         text = tok.decode(item["input_ids"].tolist())
@@ -82,12 +83,14 @@ def test_passkey_min_len_mixes_lengths(tok):
         real = item["input_ids"] != tok.pad_token_id
         size = int(real.sum())
         assert real[:size].all() and (item["labels"][size:] == IGNORE).all()  # right padding
+        assert int(item["length"]) == size
         assert tok.decode(item["input_ids"][:size].tolist()).endswith("<eos>")
         assert tok.decode(item["labels"][item["answer_mask"]].tolist()).isdigit()
         sizes.append(size)
     assert 160 <= min(sizes) < 400 and max(sizes) > 700  # log-uniform over [160, 1024]
     ev = build_eval_dataset(cfg, tok, 0, seq_len=1024)
     assert (ev[0]["input_ids"] != tok.pad_token_id).all()  # eval items keep the full length
+    assert int(ev[0]["length"]) == 1024
     with pytest.raises(ValueError, match="data.min_len"):
         build_train_dataset(DataConfig(seq_len=1024, min_len=2048), tok, 0)
 

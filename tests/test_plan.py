@@ -161,3 +161,28 @@ def test_triton_planning_kernels_equal_the_torch_plan(shape):
     for threshold, density in ((0.5, None), (0.95, None), (0.9, 0.3), (0.9, 0.05)):
         args = (q, k_perm, perm, b, S, threshold, True, D ** -0.5, density)
         assert torch.equal(select_blocks(*args), select_blocks(*args, use_triton=True))
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_query_end_ranks_keys_by_the_last_real_queries(use_triton):
+    """With ``query_end`` (right-padded batches), importance comes from the ``b`` queries before
+    each sequence's end: equal to the plain plan of q with those rows moved to the end."""
+    B, Hq, Hkv, N, D, b, S = 3, 4, 2, 320, 32, 32, 64
+    q, k = torch.randn(B, Hq, N, D), torch.randn(B, Hkv, N, D)
+    end = torch.tensor([320, 150, 20])  # full, padded, shorter than one block
+    moved = q.clone()
+    for i, e in enumerate(end.tolist()):
+        s = max(0, e - b)
+        moved[i, :, N - b:] = q[i, :, s:s + b]
+    got = segment_permutation(q, k, b, S, D ** -0.5, use_triton, query_end=end)
+    want = segment_permutation(moved, k, b, S, D ** -0.5, use_triton)
+    assert torch.equal(got, want)
+    assert not torch.equal(got[1], segment_permutation(q, k, b, S, D ** -0.5, use_triton)[1])
+
+
+def test_query_end_is_validated():
+    q, k, v = _qkv(B=2, N=128)
+    for bad, msg in ((torch.tensor([128]), "shape"), (torch.tensor([1.0, 2.0]), "int32/int64"),
+                     ([128, 128], "int32/int64")):
+        with pytest.raises(ValueError, match=msg):
+            pbs_attention(q, k, v, block_size=32, segment_size=64, query_end=bad, backend="torch")

@@ -21,7 +21,7 @@ from kernels import pbs_plan
 from trainer.attention import AttentionConfig, install_attention
 from trainer.flex import flex_plan_attention
 from trainer.config import register_configs
-from trainer.model import ModelConfig, build_model
+from trainer.model import CausalLMWithChunkedLoss, ModelConfig, build_model
 
 
 def _compose(overrides: list[str]):
@@ -132,6 +132,31 @@ def test_pbs_in_llama_matches_sdpa_at_threshold_one(family):
         pbs(ids)
     tracker = pbs.model.layers[0].self_attn.pbs_settings.tracker
     assert list(tracker.reduce()) == [0]
+
+
+def test_row_lengths_reach_the_pbs_plan(monkeypatch):
+    """The trainer's per-row lengths (right padding) reach every PBS layer's plan as
+    ``query_end``, also in the gradient-checkpointing recompute."""
+    import trainer.attention as attention_module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["query_end"])
+        return pbs_plan(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "pbs_plan", spy)
+    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    attn = AttentionConfig(block_size=32, segment_size=64, backend="torch")
+    lm = build_model(mcfg, attn, vocab_size=50, max_len=256)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    install_attention(lm, attn)
+    model = CausalLMWithChunkedLoss(lm, 1024).train()
+    ids = torch.randint(0, 50, (2, 256))
+    lengths = torch.tensor([256, 100])
+    model(ids, ids, lengths).backward()
+    assert len(seen) == 4 and all(torch.equal(x, lengths) for x in seen)  # 2 layers x (fwd, recompute)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: Triton (interpreter) planning

@@ -133,7 +133,10 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     Causal over the whole sequence: transformers passes no mask to a custom implementation, so
     right padding (labels -100) is fine, left padding or packed documents are not separated.
+    ``pbs_query_end`` (int (B,), from the model's kwargs): real lengths of right-padded rows,
+    so keys are ranked by the last real queries.
     """
+    query_end = kwargs.pop("pbs_query_end", None)
     settings: _LayerSettings | None = getattr(module, "pbs_settings", None)
     if settings is None or query.shape[2] != key.shape[2]:
         # Not installed (dense layer) or incremental decoding: dense causal attention.
@@ -142,7 +145,8 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     cfg, tracker = settings.cfg, settings.tracker
     with tracker.time_plan(query.device):
         plan = pbs_plan(query, key, cfg.block_size, cfg.segment_size, cfg.threshold, cfg.sink,
-                        cfg.permute, density=cfg.density, scale=scaling, backend=cfg.backend)
+                        cfg.permute, density=cfg.density, scale=scaling, query_end=query_end,
+                        backend=cfg.backend)
     if cfg.impl == "flex":
         out = flex_plan_attention(query, key, value, plan, scaling)
     else:

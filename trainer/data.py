@@ -182,9 +182,12 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
 
 
 def _pad(ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to ``seq_len``; ``length`` is the real token count (PBS ranks keys by the
+    queries just before it instead of by padding)."""
     n = seq_len - len(ids)
     return {"input_ids": torch.tensor(ids + [pad_id] * n, dtype=torch.long),
-            "labels": torch.tensor(labels + [IGNORE] * n, dtype=torch.long)}
+            "labels": torch.tensor(labels + [IGNORE] * n, dtype=torch.long),
+            "length": torch.tensor(len(ids), dtype=torch.long)}
 
 
 class TokenChunks(Dataset):

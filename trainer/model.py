@@ -116,11 +116,17 @@ class CausalLMWithChunkedLoss(torch.nn.Module):
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_from_hidden(self.hidden_states(input_ids), labels)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loss_from_hidden(self.hidden_states(input_ids, lengths), labels)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    def hidden_states(self, input_ids: torch.Tensor,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states; ``lengths`` (B,) real tokens per right-padded row reach the PBS
+        layers (as the ``pbs_query_end`` attention kwarg) for their key ranking."""
+        extra = {} if lengths is None else {"pbs_query_end": lengths}
+        return self.lm.get_decoder()(input_ids=input_ids, use_cache=False,
+                                     **extra).last_hidden_state
 
     def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over labels != -100 (HF convention: position t predicts t+1)."""

@@ -79,7 +79,7 @@ def evaluate(engine, eval_sets: dict, micro_bs: int, device: torch.device) -> di
             valid = [i < len(ds) for i in idx]
             batch = {k: v.to(device) for k, v in
                      collate([ds[i % len(ds)] for i in idx]).items()}
-            hidden = model.hidden_states(batch["input_ids"])
+            hidden = model.hidden_states(batch["input_ids"], batch["length"])
             pos = answer_logit_positions(batch)
             answer_hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
             logits = model.lm.get_output_embeddings()(answer_hidden)
@@ -209,7 +209,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for micro in range(tr.grad_accum):
             batch = sampler.batch(step, micro)
             with sdpa_backend_context(cfg.attention.sdpa_backend):
-                loss = engine(batch["input_ids"].to(device), batch["labels"].to(device))
+                loss = engine(batch["input_ids"].to(device), batch["labels"].to(device),
+                              batch["length"].to(device))
                 engine.backward(loss)
             if own_grad_norm and micro == tr.grad_accum - 1:
                 grad_norm = torch.nn.utils.get_total_norm(
