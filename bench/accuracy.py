@@ -148,7 +148,7 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
     jobs, keys = [], []
     for n in args.lens_b:
         base = [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
-                "trainer.export_hf=false"]
+                "data.min_len=null", "trainer.export_hf=false"]  # density on full-length items
         for name, t, attn in configs:
             jobs.append((f"B-{name}-{n}", base + attn + args.extra))
             keys.append((name, n, t))

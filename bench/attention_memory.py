@@ -34,6 +34,24 @@ def phase(name: str, fn: Callable[[], object], rows: list[dict]) -> object:
     return result
 
 
+def measure_impl(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                 args: argparse.Namespace) -> list[dict]:
+    """Phases of one forward + backward of ``impl`` on fresh leaf copies of q, k, v."""
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    rows: list[dict] = []
+    if impl == "pbs":
+        plan = phase("plan", lambda: pbs_plan(q, k, args.block_size, args.segment_size,
+                                              density=args.density), rows)
+        out = phase("forward", lambda: block_sparse_attention(q, k, v, plan), rows)
+    else:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = phase("forward", lambda: F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True), rows)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        phase("backward", lambda: out.backward(do), rows)
+    return rows
+
+
 def measure(args: argparse.Namespace) -> dict:
     B, N, (Hq, Hkv, D) = 1, args.seq_len, args.heads
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -43,20 +61,7 @@ def measure(args: argparse.Namespace) -> dict:
     do = torch.randn_like(q)
     result = {}
     for impl in ("sdpa_cudnn", "pbs"):
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        rows: list[dict] = []
-        if impl == "pbs":
-            plan = phase("plan", lambda: pbs_plan(qq, kk, args.block_size, args.segment_size,
-                                                  density=args.density), rows)
-            out = phase("forward", lambda: block_sparse_attention(qq, kk, vv, plan), rows)
-        else:
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                out = phase("forward", lambda: F.scaled_dot_product_attention(
-                    qq, kk, vv, is_causal=True, enable_gqa=True), rows)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            phase("backward", lambda: out.backward(do), rows)
-        result[impl] = rows
-        del qq, kk, vv, out
+        result[impl] = measure_impl(impl, q, k, v, do, args)
         torch.cuda.empty_cache()
     return result
 

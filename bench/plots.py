@@ -157,7 +157,7 @@ def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
                    label=f"fine-tuned at {len_c}, {r['name']}")
     ax.set_xlabel("density")
     ax.set_ylabel("passkey retrieval accuracy")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     _save(fig, out)
 

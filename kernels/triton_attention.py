@@ -457,7 +457,7 @@ def attention_backward(do, q, k, v, out, lse, key_pos, index: BlockIndex, scale:
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(B * H, triton.cdiv(N, 64))](
         out, do, delta, N, *_strides(out, do), H, HEAD_DIM=D, BLOCK_M=64)
-    dq = torch.empty_like(q)
+    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)  # q's strides
     k_perm, v_perm = permuted_kv(k, v, key_pos)
     launch_dq(dq, do, q, k_perm, v_perm, lse, delta, key_pos, index, scale, block, dq_cfg)
     del k_perm, v_perm

@@ -143,7 +143,7 @@ def test_block_index_lists_are_compacted_rows_in_order():
 
 
 def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):
-    """K/V enter the Function unpermuted (strided views here, v not even dense): no gather node in
+    """K/V enter the Function unpermuted (strided views here, q and v not even dense): no gather node in
     the autograd graph, the Function saves k and v themselves, the permuted copies read by the
     forward and dQ kernels are freed after their kernel (before the dK/dV kernel runs), and dk/dv
     come back in original order."""
@@ -166,7 +166,8 @@ def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):
     monkeypatch.setattr(triton_attention, "permuted_kv", tracked_copies)
     monkeypatch.setattr(triton_attention, "launch_dkdv", dkdv_after_copies_freed)
     B, Hq, Hkv, N, D, b, S = 1, 4, 2, 150, 64, 16, 32
-    q = torch.randn(B, Hq, N, D, device=DEVICE, requires_grad=True)
+    q_base = torch.randn(B, N, Hq, 2 * D, device=DEVICE, requires_grad=True)  # q not dense either
+    q = q_base[..., :D].transpose(1, 2)
     k_base = torch.randn(B, N, Hkv, D, device=DEVICE, requires_grad=True)  # (B, N, H, D) layout
     v_base = torch.randn(B, N, Hkv, 2 * D, device=DEVICE, requires_grad=True)
     k, v = k_base.transpose(1, 2), v_base[..., D:].transpose(1, 2)
@@ -190,7 +191,8 @@ def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = reference_attention(q64, k64, v64, plan)
     ref.backward(dout.double())
-    for got, want in ((out, ref), (q.grad, q64.grad), (k_base.grad.transpose(1, 2), k64.grad),
+    for got, want in ((out, ref), (q_base.grad[..., :D].transpose(1, 2), q64.grad),
+                      (k_base.grad.transpose(1, 2), k64.grad),
                       (v_base.grad[..., D:].transpose(1, 2), v64.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
-    assert v_base.grad[..., :D].abs().max() == 0
+    assert v_base.grad[..., :D].abs().max() == 0 and q_base.grad[..., D:].abs().max() == 0

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import accuracy, plots, train_throughput
+from bench import accuracy, needle_selection, plots, train_throughput
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,13 @@ def test_throughput_accuracy_and_plots(tmp_path):
                                                               ("A-lr0.003", "ok")]
     assert all(r["acc_256"] is not None for r in a["rows"])
     assert a["best_export"] in [r["export"] for r in a["rows"]]
+    ns = needle_selection.main([a["best_export"], "--seq-len", "256", "--items", "8",
+                                "--thresholds", "0.5", "1.0", "--block-size", "32",
+                                "--segment-size", "64", "--sharp", "0"])
+    rows = {(r["threshold"], r["permute"]): r for r in ns["rows"]}
+    heads = rows[1.0, True]["sharp_heads"]
+    assert heads > 0 and all(r["sharp_heads"] == heads for r in ns["rows"])
+    assert rows[1.0, True]["hits"] == rows[1.0, False]["hits"] == heads  # threshold 1 keeps all
     b = accuracy.main(["--stage", "B", *common, "--jobs", "2"])
     assert [(r["name"], r["status"]) for r in b["rows"]] == [
         ("dense", "ok"), ("pbs_t0.9", "ok"), ("pbs_t0.9_nopermute", "ok")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import pbs_attention
-from kernels.plan import block_pool, same_segment, select_blocks, segment_permutation
+from kernels.plan import block_pool, same_segment, segment_permutation, select_blocks
 
 
 def _qkv(B=1, Hq=4, Hkv=2, N=512, D=32):
