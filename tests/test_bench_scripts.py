@@ -59,3 +59,32 @@ def test_throughput_accuracy_and_plots(tmp_path):
                        "accuracy_vs_density"])
     assert [p.name for p in made] == ["density_vs_length.png", "throughput_vs_length.png",
                                       "accuracy_vs_density.png"]
+
+
+def test_memory_peak_replays_allocations_and_names_their_sites(tmp_path):
+    """A hand-made allocation history: the peak is the highest live total relative to the start
+    (a free of an older allocation counts down), and it is split by the allocating source line."""
+    import pickle
+
+    from bench import memory_peak
+
+    def ev(action, addr, size, file="/repo/kernels/plan.py", line=1):
+        return {"action": action, "addr": addr, "size": size,
+                "frames": [{"filename": "??", "line": 0, "name": "c10::alloc"},
+                           {"filename": file, "line": line, "name": "f"},
+                           {"filename": "/x/site-packages/torch/nn/module.py", "line": 9}]}
+
+    trace = [ev("alloc", 1, 100), ev("alloc", 2, 50, line=2), ev("free_completed", 9, 30),
+             ev("free_completed", 1, 100), ev("alloc", 3, 200, "/x/site-packages/torch/f.py", 5),
+             ev("alloc", 4, 10, line=2), ev("free_completed", 3, 200)]
+    got = memory_peak.peak_breakdown(trace)
+    assert got["peak_bytes"] == 50 - 30 + 200 + 10 and got["end_bytes"] == 30
+    assert dict(got["sites"]) == {"torch/f.py:5 (f)": 200, "kernels/plan.py:2 (f)": 60}
+    snap = tmp_path / "snap.pickle"
+    snap.write_bytes(pickle.dumps({"segments": [{"device": 0, "allocated_size": 1000}],
+                                   "device_traces": [trace]}))
+    res = memory_peak.main([str(snap)])
+    assert res["baseline_bytes"] == 970
+    (tmp_path / "bad.pickle").write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit, match="not a torch.cuda.memory snapshot"):
+        memory_peak.main([str(tmp_path / "bad.pickle")])

@@ -89,6 +89,9 @@ def test_cfg_job_and_cli_errors(tmp_path):
     bad = run_job([*TINY, "trainer.max_minutes=-1", f"trainer.output_dir={tmp_path}/out",
                    "logging.wandb.mode=disabled"], tmp_path)
     assert bad.returncode != 0 and "trainer.max_minutes must be >= 0" in bad.stderr
+    bad = run_job([*TINY, "logging.memory_snapshot_step=-2", f"trainer.output_dir={tmp_path}/out",
+                   "logging.wandb.mode=disabled"], tmp_path)
+    assert bad.returncode != 0 and "logging.memory_snapshot_step must be >= 0" in bad.stderr
     bad = run_job(["attention=flex", *TINY, f"trainer.output_dir={tmp_path}/out",
                    "logging.wandb.mode=disabled", "trainer.device=cpu"], tmp_path)
     assert bad.returncode != 0 and "needs attention.block_size a multiple of 64" in bad.stderr
@@ -231,6 +234,22 @@ def test_gpu_flex_job_end_to_end(tmp_path):
     assert len(train_rows) == 3 and all(r["attn/plan_ms"] > 0 for r in train_rows)
 
 
+@pytest.mark.gpu
+def test_gpu_memory_snapshot_of_one_step(tmp_path):
+    """``logging.memory_snapshot_step`` dumps the allocation history of that step; the peak
+    analysis finds the step's allocations, PBS planning among them."""
+    from bench import memory_peak
+
+    check(run_job([*TINY, "trainer.max_steps=3",
+                   "logging.memory_snapshot_step=2", "trainer.export_hf=false",
+                   f"trainer.output_dir={tmp_path}/out", "logging.wandb.mode=disabled"],
+                  tmp_path))
+    (run,) = run_dirs(tmp_path / "out")
+    res = memory_peak.main([str(run / "memory_snapshot_step_00002.pickle")])
+    assert res["peak_bytes"] > 0 and res["baseline_bytes"] > 0
+    assert any(site.startswith("kernels/") for site, _ in res["sites"])
+
+
 # ---------------------------------------------------------------- the job end to end
 
 
@@ -317,7 +336,9 @@ def test_max_minutes_stops_early_then_evaluates_saves_and_exports(tmp_path):
     export still run, at the step reached."""
     out = tmp_path / "out"
     log = check(run_job([*TINY, "trainer.max_steps=1000", "trainer.max_minutes=0.001",
+                         "logging.memory_snapshot_step=1",
                          f"trainer.output_dir={out}", "logging.wandb.mode=disabled"], tmp_path))
+    assert "memory snapshots need CUDA" in log  # ignored off CUDA, with a warning
     (run,) = run_dirs(out)
     last = max(losses(run))
     assert 1 <= last < 1000 and f"stopping at step {last} of 1000" in log

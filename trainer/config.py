@@ -79,11 +79,13 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    """``logging`` group: W&B and the block-mask image interval."""
+    """``logging`` group: W&B, the block-mask image interval, the progress bar, and an optional
+    CUDA memory snapshot of one step (``python -m bench.memory_peak`` reads it)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     image_every: int = 50  # 0: no block-mask images
     progress_bar: bool = True
+    memory_snapshot_step: int = 0  # CUDA: record allocations during this step, dump for analysis
 
 
 @dataclass

@@ -199,8 +199,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     t_log, steps_since_log, saved_step = time.perf_counter(), 0, None
     deadline = time.perf_counter() + 60 * tr.max_minutes if tr.max_minutes > 0 else None
     done = start_step
+    snapshot = MemorySnapshot(cfg.logging.memory_snapshot_step, device, rank, run_dir)
     for step in range(start_step, tr.max_steps):
         done = step + 1
+        snapshot.before_step(done)
         draw = (cfg.logging.image_every > 0 and rank == 0 and tracker.pbs_layers
                 and done % cfg.logging.image_every == 0)
         tracker.capture_plan = bool(draw)
@@ -218,6 +220,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             engine.step()
             loss_acc += loss.detach().float() / tr.grad_accum
         tracker.capture_plan = tracker.time_plans = False
+        snapshot.after_step(done)
         tokens_seen += tokens_per_step
         steps_since_log += 1
         if log_step:
@@ -290,6 +293,33 @@ def train_metrics(loss: float, lr: float, grad_norm: float, tokens_seen: int, st
     if plan_ms is not None:
         metrics["attn/plan_ms"] = plan_ms
     return metrics
+
+
+class MemorySnapshot:
+    """Records every CUDA allocation during step ``step`` (rank 0) and dumps the history to
+    ``<run_dir>/memory_snapshot_step_NNNNN.pickle`` (pytorch.org/memory_viz or
+    ``python -m bench.memory_peak``). ``step`` 0: off."""
+
+    def __init__(self, step: int, device: torch.device, rank: int, run_dir: str):
+        if step < 0:
+            raise ValueError(f"logging.memory_snapshot_step must be >= 0 (0: off), got {step}")
+        self.step = step if rank == 0 else 0
+        self.path = os.path.join(run_dir, f"memory_snapshot_step_{step:05d}.pickle")
+        if self.step and device.type != "cuda":
+            log.warning("logging.memory_snapshot_step=%d ignored: memory snapshots need CUDA "
+                        "(running on %s)", step, device.type)
+            self.step = 0
+
+    def before_step(self, step: int) -> None:
+        if step == self.step:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+
+    def after_step(self, step: int) -> None:
+        if step == self.step:
+            torch.cuda.synchronize()
+            torch.cuda.memory._dump_snapshot(self.path)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            log.info("memory snapshot of step %d: %s", step, self.path)
 
 
 def out_of_time(deadline: float, device: torch.device) -> bool:
