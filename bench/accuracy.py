@@ -23,14 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.runner import (
-    TrainerRun,
-    environment,
-    load_json,
-    markdown_table,
-    run_trainers,
-    save_json,
-)
+from bench.runner import (TrainerRun, environment, load_json, markdown_table, run_trainers,
+                          save_json)
 
 PBS = ["attention=pbs", "attention.block_size=64", "attention.segment_size=256"]
 
@@ -115,14 +109,26 @@ def summarize(run: TrainerRun, name: str, eval_lens: list[int], tail: int = 10) 
     return row
 
 
+def time_limit(budget_s: float) -> str:
+    """``trainer.max_minutes`` that leaves a run's start-up, final eval and export inside the
+    stage budget."""
+    return f"trainer.max_minutes={max(0.5, (budget_s - 120) / 60):.2f}"
+
+
+def pbs_variants(thresholds: list[float]) -> list[tuple[str, float, list[str]]]:
+    """(name, threshold, overrides) of PBS with and without permutation at each threshold."""
+    return [(f"pbs_t{t}" + ("" if permute else "_nopermute"), t,
+             PBS + [f"attention.threshold={t}", f"attention.permute={permute}"])
+            for t in thresholds for permute in (True, False)]
+
+
 def stage_a(args: argparse.Namespace) -> dict:
     """One dense run per ``--lr-a`` (in parallel with ``--jobs``); the best one's export feeds
     stages B and C. Each run stops at ``--steps-a`` or when the budget runs short."""
-    minutes = max(0.5, (args.budget_s - 120) / 60)  # leaves time for start-up, eval and export
     base = model_overrides(args) + common(args.len_a, [args.len_a], args.steps_a, args.batch_a,
                                           0.0, args.eval_samples)
     base += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 4)}",
-             "trainer.export_hf=true", f"trainer.max_minutes={minutes:.2f}", *args.extra]
+             "trainer.export_hf=true", time_limit(args.budget_s), *args.extra]
     names = ["A"] if len(args.lr_a) == 1 else [f"A-lr{lr:g}" for lr in args.lr_a]
     jobs = [(name, base + [f"optim.lr={lr}"]) for name, lr in zip(names, args.lr_a)]
     rows = []
@@ -140,11 +146,7 @@ def stage_a(args: argparse.Namespace) -> dict:
 
 
 def stage_b(args: argparse.Namespace, model_path: str) -> dict:
-    configs = [("dense", None, ["attention=sdpa"])]
-    for t in args.thresholds:
-        for permute in (True, False):
-            configs.append((f"pbs_t{t}" + ("" if permute else "_nopermute"), t,
-                            PBS + [f"attention.threshold={t}", f"attention.permute={permute}"]))
+    configs = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.thresholds)]
     jobs, keys = [], []
     for n in args.lens_b:
         base = [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
@@ -174,16 +176,12 @@ def stage_c(args: argparse.Namespace, model_path: str) -> dict:
     base = [f"model.path={model_path}", *common(args.len_c, eval_lens, args.steps_c, args.batch_c,
                                                  args.lr_c, args.eval_samples),
             "data.min_len=null", "trainer.eval_every=0", "trainer.export_hf=false",
-            f"trainer.max_minutes={max(0.5, (args.budget_s - 120) / 60):.2f}"]  # a guard only
-    variants = [("dense", ["attention=sdpa"])]
-    for t in args.threshold_c:
-        for permute in (True, False):
-            variants.append((f"pbs_t{t}" + ("" if permute else "_nopermute"),
-                             PBS + [f"attention.threshold={t}", f"attention.permute={permute}"]))
-    jobs = [(f"C-{name}", base + attn + args.extra) for name, attn in variants]
+            time_limit(args.budget_s)]  # a guard only: runs are sized to finish their steps
+    variants = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.threshold_c)]
+    jobs = [(f"C-{name}", base + attn + args.extra) for name, _, attn in variants]
     rows = []
-    for (name, _), run in zip(variants, run_trainers(jobs, args.runs_dir, args.budget_s,
-                                                     args.jobs)):
+    for (name, _, _), run in zip(variants, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                        args.jobs)):
         rows.append(summarize(run, name, eval_lens) if run is not None else
                     {"name": name, "status": "skipped", "error": "budget"})
     return {"settings": vars_of(args), "model_path": model_path, "eval_lens": eval_lens,

@@ -42,11 +42,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
     Returns (B, Hq, N, D) in the original token order and the input dtype.
     """
     _validate(q, k, v, block_size, segment_size, threshold, density)
-    _validate_query_end(query_end, q)
-    backend = _resolve_backend(backend, q)
-    if backend == "triton":
-        _validate_triton(q, block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend, scale = _setup(q, block_size, scale, backend, query_end)
     plan = _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
                  query_end, backend == "triton")
     out = _attend(q, k, v, plan, scale, backend)
@@ -61,11 +57,7 @@ def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_si
     no attention): ``block_sparse_attention(q, k, v, pbs_plan(q, k, ...))`` equals
     ``pbs_attention(q, k, v, ...)``. Lets callers time or reuse the plan."""
     _validate(q, k, k, block_size, segment_size, threshold, density)
-    _validate_query_end(query_end, q)
-    backend = _resolve_backend(backend, q)
-    if backend == "triton":
-        _validate_triton(q, block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend, scale = _setup(q, block_size, scale, backend, query_end)
     return _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale,
                  query_end, backend == "triton")
 
@@ -91,10 +83,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     """Attention over a given plan (e.g. a fixed block mask for benchmarks); k, v in original
     order, differentiable in q, k, v."""
     _validate(q, k, v, plan.block_size, plan.segment_size, 1.0, None)
-    backend = _resolve_backend(backend, q)
-    if backend == "triton":
-        _validate_triton(q, plan.block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend, scale = _setup(q, plan.block_size, scale, backend)
     return _attend(q, k, v, plan, scale, backend)
 
 
@@ -104,6 +93,16 @@ def _attend(q, k, v, plan, scale, backend):
         return reference_attention(q, k, v, plan, scale)
     from .triton_attention import triton_block_sparse_attention
     return triton_block_sparse_attention(q, k, v, plan, scale)
+
+
+def _setup(q: torch.Tensor, block_size: int, scale: float | None, backend: str,
+           query_end: torch.Tensor | None = None) -> tuple[str, float]:
+    """Checks shared by the entry points; the resolved backend and softmax scale."""
+    _validate_query_end(query_end, q)
+    backend = _resolve_backend(backend, q)
+    if backend == "triton":
+        _validate_triton(q, block_size)
+    return backend, q.shape[-1] ** -0.5 if scale is None else scale
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:

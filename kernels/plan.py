@@ -63,9 +63,10 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
     Importance of a key = softmax attention it gets from the last ``block_size`` queries
     (no causal mask, over the keys of all complete segments), averaged over those queries and
     over the G query heads that share its KV head. ``query_end`` (int (B,), optional): the
-    real length of each right-padded sequence; its last queries before that end are used. Returns int64 (B, Hkv, N); the incomplete
-    tail segment (and every N <= segment_size) keeps identity order. ``use_triton`` computes
-    the importance with Triton kernels that never hold the (G*b, N) scores.
+    real length of each right-padded sequence; its last queries before that end are used.
+    Returns int64 (B, Hkv, N); the incomplete tail segment (and every N <= segment_size) keeps
+    identity order. ``use_triton`` computes the importance with Triton kernels that never hold
+    the (G*b, N) scores.
     """
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]

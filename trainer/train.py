@@ -129,7 +129,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("attention=flex trains on CUDA only: torch FlexAttention has no backward "
                          f"on {device.type}")
     if tr.max_minutes < 0:
-        raise ValueError(f"trainer.max_minutes must be >= 0 (0: no time limit), got {tr.max_minutes}")
+        raise ValueError(f"trainer.max_minutes must be >= 0 (0: no time limit), got "
+                         f"{tr.max_minutes}")
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = HydraConfig.get().runtime.output_dir
     if rank != 0:  # other ranks log to their own file only
