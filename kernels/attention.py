@@ -65,16 +65,20 @@ def pbs_plan(q: torch.Tensor, k: torch.Tensor, block_size: int = 128, segment_si
 @torch.no_grad()
 def _plan(q, k, block_size, segment_size, threshold, sink, permute, density, scale, query_end,
           use_triton) -> PBSPlan:
-    """The plan (a constant for autograd). The permuted keys it pools are a temporary: the
-    attention reads k and v in original order through ``key_perm``."""
+    """The plan (a constant for autograd). The torch path pools a temporary permuted copy of
+    the keys; the Triton path reads them in original order through ``key_perm``."""
     q, k = q.detach(), k.detach()
-    if permute:
-        key_perm = segment_permutation(q, k, block_size, segment_size, scale, use_triton,
-                                       query_end)
+    if use_triton:
+        from .triton_plan import triton_segment_permutation, triton_select_blocks
+        key_perm = (triton_segment_permutation(q, k, block_size, segment_size, scale, query_end)
+                    if permute else identity_permutation(k))
+        block_mask = triton_select_blocks(q, k, key_perm, block_size, segment_size, threshold,
+                                          sink, scale, density)
     else:
-        key_perm = identity_permutation(k)
-    block_mask = select_blocks(q, permute_keys(k, key_perm), key_perm, block_size, segment_size,
-                               threshold, sink, scale, density, use_triton)
+        key_perm = (segment_permutation(q, k, block_size, segment_size, scale, query_end)
+                    if permute else identity_permutation(k))
+        block_mask = select_blocks(q, permute_keys(k, key_perm), key_perm, block_size,
+                                   segment_size, threshold, sink, scale, density)
     return PBSPlan(key_perm, block_mask, block_size, segment_size)
 
 
@@ -99,6 +103,8 @@ def _setup(q: torch.Tensor, block_size: int, scale: float | None, backend: str,
            query_end: torch.Tensor | None = None) -> tuple[str, float]:
     """Checks shared by the entry points; the resolved backend and softmax scale."""
     _validate_query_end(query_end, q)
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
     backend = _resolve_backend(backend, q)
     if backend == "triton":
         _validate_triton(q, block_size)

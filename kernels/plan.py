@@ -56,8 +56,7 @@ def same_segment(nb: int, block_size: int, segment_size: int,
 
 
 def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segment_size: int,
-                        scale: float, use_triton: bool = False,
-                        query_end: torch.Tensor | None = None) -> torch.Tensor:
+                        scale: float, query_end: torch.Tensor | None = None) -> torch.Tensor:
     """Key order inside each complete segment, most important key first.
 
     Importance of a key = softmax attention it gets from the last ``block_size`` queries
@@ -65,8 +64,7 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
     over the G query heads that share its KV head. ``query_end`` (int (B,), optional): the
     real length of each right-padded sequence; its last queries before that end are used.
     Returns int64 (B, Hkv, N); the incomplete tail segment (and every N <= segment_size) keeps
-    identity order. ``use_triton`` computes the importance with Triton kernels that never hold
-    the (G*b, N) scores.
+    identity order. (Triton: :func:`kernels.triton_plan.triton_segment_permutation`.)
     """
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
@@ -85,17 +83,13 @@ def segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int, segme
         q_last = torch.gather(q, 2, rows.expand(B, Hq, nq, D))
     q_last = q_last.reshape(B, Hkv, G * nq, D)
     k_seg = k[:, :, :n_complete, :]
-    if use_triton:
-        from .triton_plan import key_importance
-        importance = key_importance(q_last, k_seg, scale)
-    else:
-        importance = torch.empty(B, Hkv, n_complete, device=k.device, dtype=torch.float32)
-        rows_bytes = B * G * nq * n_complete * k.element_size()
-        heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // rows_bytes)
-        for h0 in range(0, Hkv, heads_per_chunk):
-            h1 = min(Hkv, h0 + heads_per_chunk)
-            scores = torch.matmul(q_last[:, h0:h1] * scale, k_seg[:, h0:h1].transpose(-1, -2))
-            importance[:, h0:h1] = torch.softmax(scores, -1).mean(dim=-2, dtype=torch.float32)
+    importance = torch.empty(B, Hkv, n_complete, device=k.device, dtype=torch.float32)
+    rows_bytes = B * G * nq * n_complete * k.element_size()
+    heads_per_chunk = max(1, _IMPORTANCE_CHUNK_BYTES // rows_bytes)
+    for h0 in range(0, Hkv, heads_per_chunk):
+        h1 = min(Hkv, h0 + heads_per_chunk)
+        scores = torch.matmul(q_last[:, h0:h1] * scale, k_seg[:, h0:h1].transpose(-1, -2))
+        importance[:, h0:h1] = torch.softmax(scores, -1).mean(dim=-2, dtype=torch.float32)
 
     n_seg = n_complete // segment_size
     order = torch.argsort(importance.view(B, Hkv, n_seg, segment_size), dim=-1,
@@ -120,14 +114,14 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor, block_size: int,
                   segment_size: int, threshold: float, sink: bool, scale: float,
-                  density: float | None = None, use_triton: bool = False) -> torch.Tensor:
+                  density: float | None = None) -> torch.Tensor:
     """Bool block mask (B, Hq, nb, nb) over (query block, permuted key block).
 
     Off-segment key blocks are ranked by softmax(pooled_q . pooled_k * scale) and the smallest
     top set whose mass reaches ``threshold`` is kept (or, when ``density`` is given, the top
     ``ceil(density * causal_blocks)`` minus the always-computed ones). The sink block and every
     key block of the query block's own segment that holds a key at or before the block's last
-    query are always kept. ``use_triton`` selects with a Triton kernel (same result).
+    query are always kept. (Triton: :func:`kernels.triton_plan.triton_select_blocks`.)
     """
     B, Hq, N, D = q.shape
     Hkv = k_perm.shape[1]
@@ -150,9 +144,6 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor,
 
     if density is None and threshold >= 1.0:
         keep = off_segment.expand(B, Hq, nb, nb).clone()
-    elif use_triton:
-        from .triton_plan import select_rows
-        keep = select_rows(scores, n_allowed, threshold, budget)
     else:
         scores = scores.masked_fill(~off_segment, float("-inf"))
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)

@@ -3,8 +3,8 @@
 Keys and values enter the autograd Function in original token order (B, Hkv, N, D);
 ``key_pos[p]`` is the original row of the key at permuted position p. The forward and dQ kernels
 read a transient permuted copy of K/V (contiguous rows pipeline better than rows addressed
-through ``key_pos`` in every tile), made inside the Function under no_grad and freed right after
-the kernel: nothing permuted is saved for backward. Each query block walks two compacted lists
+through ``key_pos`` in every tile), made inside the Function by a gather kernel (outside
+autograd) and freed right after the kernel: nothing permuted is saved for backward. Each query block walks two compacted lists
 of key blocks: "full" blocks from earlier segments (every key precedes every query, no mask) and
 diagonal-segment blocks (token mask ``key_pos[p] <= i`` on original positions). The backward
 computes dQ row-wise over the same lists, frees its permuted copy, then dK/dV column-wise from
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import PBSPlan, permute_keys
+from .plan import PBSPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,47 +50,60 @@ class BlockIndex:
     part_q_idx: torch.Tensor
 
     @classmethod
-    def from_plan(cls, plan: PBSPlan) -> "BlockIndex":
-        diag = plan.diagonal_segment_mask()
-        full = plan.block_mask & ~diag
-        part = plan.block_mask & diag
-        seg_blocks = min(plan.segment_size // plan.block_size, plan.num_blocks)
-        return cls(*_compact(full), *_compact(part, seg_blocks),
-                   *_compact(full.transpose(-1, -2)), *_compact(part.transpose(-1, -2), seg_blocks))
+    def from_plan(cls, plan: PBSPlan) -> BlockIndex:
+        seg_blocks = plan.segment_size // plan.block_size
+        return cls(*_compact(plan.block_mask, seg_blocks),
+                   *_compact(plan.block_mask.transpose(-1, -2), seg_blocks))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)
 
 
-def _compact(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of each row of a (B, H, R, C) bool mask, in increasing order
-    ((B, H, R, width or C): int16 when C < 32768, else int32), and their count (int32,
-    (B, H, R)). Any strides."""
+def _compact(mask: torch.Tensor, seg_blocks: int) -> tuple[torch.Tensor, ...]:
+    """Per row r of a (B, H, R, C) bool mask (any strides), its True columns outside r's segment
+    (full) and inside it (part), in increasing order; column c lies in row r's segment iff
+    c // seg_blocks == r // seg_blocks. Returns full count, full indices, part count, part
+    indices: counts int32 (B, H, R), indices (B, H, R, C) and (B, H, R, min(seg_blocks, C)),
+    int16 when C < 32768, else int32, zero past the count. One launch."""
     B, H, R, C = mask.shape
-    width = C if width is None else width
-    count = torch.empty(B, H, R, dtype=torch.int32, device=mask.device)
     idx_dtype = torch.int16 if C < 2**15 else torch.int32
-    idx = torch.zeros(B, H, R, width, dtype=idx_dtype, device=mask.device)
+    full_cnt = torch.empty(B, H, R, dtype=torch.int32, device=mask.device)
+    part_cnt = torch.empty_like(full_cnt)
+    full_idx = torch.empty(B, H, R, C, dtype=idx_dtype, device=mask.device)
+    part_idx = torch.empty(B, H, R, min(seg_blocks, C), dtype=idx_dtype, device=mask.device)
     mask_u8 = mask.view(torch.uint8)
-    _compact_rows[(B * H * R,)](mask_u8, count, idx, H, R, C, width, *mask_u8.stride(),
+    _compact_rows[(B * H * R,)](mask_u8, full_cnt, full_idx, part_cnt, part_idx, H, R, C,
+                                seg_blocks, part_idx.shape[-1], *mask_u8.stride(),
                                 BLOCK_C=triton.next_power_of_2(C))
-    return count, idx
+    return full_cnt, full_idx, part_cnt, part_idx
 
 
 @triton.jit
-def _compact_rows(MASK, COUNT, IDX, H, R, C, width, stride_b, stride_h, stride_r, stride_c,
-                  BLOCK_C: tl.constexpr):
+def _store_list(CNT, IDX, sel, cols, width):
+    """IDX[0:width] = the columns where ``sel`` holds, in order, then zeros; CNT = their count."""
+    sel = sel.to(tl.int32)
+    slot = tl.cumsum(sel, axis=0) - 1
+    count = tl.sum(sel, axis=0)
+    tl.store(IDX + slot, cols.to(IDX.dtype.element_ty), mask=(sel > 0) & (slot < width))
+    tl.store(IDX + cols, tl.zeros_like(cols).to(IDX.dtype.element_ty),
+             mask=(cols >= count) & (cols < width))
+    tl.store(CNT, count)
+
+
+@triton.jit
+def _compact_rows(MASK, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, H, R, C, seg_blocks, part_width,
+                  stride_b, stride_h, stride_r, stride_c, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // (H * R)
     h = (pid // R) % H
     r = pid % R
     cols = tl.arange(0, BLOCK_C)
     m = tl.load(MASK + b * stride_b + h * stride_h + r * stride_r + cols * stride_c,
-                mask=cols < C, other=0).to(tl.int32)
-    slot = tl.cumsum(m, axis=0) - 1
-    tl.store(IDX + pid * width + slot, cols.to(IDX.dtype.element_ty),
-             mask=(m > 0) & (slot < width))
-    tl.store(COUNT + pid, tl.sum(m, axis=0))
+                mask=cols < C, other=0) != 0
+    in_segment = cols // seg_blocks == r // seg_blocks
+    _store_list(FULL_CNT + pid, FULL_IDX + pid.to(tl.int64) * C, m & ~in_segment, cols, C)
+    _store_list(PART_CNT + pid, PART_IDX + pid.to(tl.int64) * part_width, m & in_segment, cols,
+                part_width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,12 +156,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, I
         cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
         kT, v, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
                                         HEAD_DIM, MASKED, False, DOT_F32)
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, kT, input_precision=PRECISION)
         if MASKED:
-            qk = tl.where(key_pos[None, :] <= offs_m[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
-        p = tl.math.exp2(qk - m_safe[:, None])
+            qk = tl.where(key_pos[None, :] <= offs_m[:, None], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
+            p = tl.math.exp2(qk - m_safe[:, None])
+        else:  # every key allowed: finite row max; scale and shift in one FMA per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = m_new
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -201,6 +218,27 @@ def _attn_fwd(Q, K, V, KPOS, O, LSE,
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=in_rows[:, None])
     tl.store(LSE + pid_bh * N + offs_m, lse, mask=in_rows)
+
+
+@triton.jit
+def _gather_kv_rows(K, V, KPOS, K_OUT, V_OUT, N, Hkv, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, HEAD_DIM: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """K_OUT[b, h, p] = K[b, h, KPOS[b, h, p]] (and V), outputs contiguous (B, Hkv, N, D)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = (rows < N)[:, None]
+    src = tl.load(KPOS + pid_bh * N + rows, mask=rows < N, other=0)[:, None]
+    dst = (pid_bh.to(tl.int64) * N + rows[:, None]) * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + src * stride_kn + offs_d[None, :],
+                mask=in_range)
+    tl.store(K_OUT + dst, k, mask=in_range)
+    v = tl.load(V + b * stride_vb + h * stride_vh + src * stride_vn + offs_d[None, :],
+                mask=in_range)
+    tl.store(V_OUT + dst, v, mask=in_range)
 
 
 @triton.jit
@@ -291,7 +329,8 @@ def _attn_bwd_dq(Q, K, V, KPOS, DO, DQ, LSE, DELTA,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, CNT_ptr,
                          IDX_ptr, col, idx_width, N, stride_qn, stride_don, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                         MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                         MASKED: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over one query head's compacted query-block list."""
     SUBS: tl.constexpr = BLOCK // BLOCK_M
     offs_d = tl.arange(0, HEAD_DIM)
@@ -299,13 +338,19 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_pt
     for t in range(0, count * SUBS):
         qblk = tl.load(IDX_ptr + col * idx_width + t // SUBS).to(tl.int32)
         offs_m = qblk * BLOCK + (t % SUBS) * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_rows = offs_m < N
-        qT = tl.load(Q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None],
-                     mask=in_rows[None, :], other=0.0)
-        do = tl.load(DO_ptr + offs_m[:, None] * stride_don + offs_d[None, :],
-                     mask=in_rows[:, None], other=0.0)
-        lse = tl.load(LSE_ptr + offs_m, mask=in_rows, other=float("inf"))
-        delta = tl.load(DELTA_ptr + offs_m, mask=in_rows, other=0.0)
+        qT_ptrs = Q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None]
+        do_ptrs = DO_ptr + offs_m[:, None] * stride_don + offs_d[None, :]
+        if EVEN_N:  # every query block is complete: no row masks in the loop
+            qT = tl.load(qT_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE_ptr + offs_m)
+            delta = tl.load(DELTA_ptr + offs_m)
+        else:
+            in_rows = offs_m < N
+            qT = tl.load(qT_ptrs, mask=in_rows[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0)
+            lse = tl.load(LSE_ptr + offs_m, mask=in_rows, other=float("inf"))
+            delta = tl.load(DELTA_ptr + offs_m, mask=in_rows, other=0.0)
         if DOT_F32:
             qT = qT.to(tl.float32)
             do = do.to(tl.float32)
@@ -328,7 +373,8 @@ def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """dK, dV of one tile of permuted key positions of one KV head, summed over its G query
     heads. K/V are read from, and DK/DV stored to, the original rows ``key_pos`` of the tile."""
     pid_bhk = tl.program_id(0)
@@ -364,11 +410,11 @@ def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
                                       FULL_CNT, FULL_IDX, col, full_width, N, stride_qn,
                                       stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, False,
-                                      DOT_F32, PRECISION)
+                                      EVEN_N, DOT_F32, PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
                                       PART_CNT, PART_IDX, col, part_width, N, stride_qn,
                                       stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, True,
-                                      DOT_F32, PRECISION)
+                                      EVEN_N, DOT_F32, PRECISION)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_d[None, :],
@@ -399,8 +445,8 @@ class KernelConfig:
 # Tuned on an H200 for D=128 bf16 (bench/tune.py, docs/benchmarks.md); the interpreter ignores
 # warps and stages.
 FWD_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
-BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
+BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=4)
+BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
 LOG2E = 1.4426950408889634
 
 
@@ -417,11 +463,15 @@ def _strides(*xs: torch.Tensor) -> list[int]:
 
 def permuted_kv(k: torch.Tensor, v: torch.Tensor,
                 key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Permuted copies of k and v (B, Hkv, N, D), row p = original row ``key_pos[p]``, made
-    without autograd: transient inputs of the forward and dQ kernels, never saved."""
-    with torch.no_grad():
-        perm = key_pos.long()
-        return permute_keys(k, perm), permute_keys(v, perm)
+    """Permuted copies of k and v (B, Hkv, N, D), contiguous, row p = original row
+    ``key_pos[p]`` (int32 (B, Hkv, N)), made by one kernel outside autograd: transient inputs
+    of the forward and dQ kernels, never saved."""
+    B, Hkv, N, D = k.shape
+    k_perm = torch.empty(B, Hkv, N, D, dtype=k.dtype, device=k.device)
+    v_perm = torch.empty_like(k_perm)
+    _gather_kv_rows[(B * Hkv, triton.cdiv(N, 64))](k, v, key_pos, k_perm, v_perm, N, Hkv,
+                                                   *_strides(k, v), HEAD_DIM=D, BLOCK_R=64)
+    return k_perm, v_perm
 
 
 def attention_forward(q, k_perm, v_perm, key_pos, index: BlockIndex, scale: float, block: int,
@@ -497,7 +547,7 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
         index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
         scale * LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
         *_strides(q, k, v, do, dk, dv),
-        HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=N % block == 0,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
 

@@ -118,6 +118,7 @@ def test_triton_backward_is_deterministic():
     (dict(q=torch.randn(1, 4, 64, 32).int()), "unsupported dtype"),
     (dict(q=torch.randn(1, 4, 64, 32).half()), "dtypes differ"),
     (dict(backend="cuda"), "backend must be"),
+    (dict(scale=-0.1), "scale must be a positive"),
     (dict(backend="triton", q=torch.randn(1, 4, 64, 24), k=torch.randn(1, 2, 64, 24),
           v=torch.randn(1, 2, 64, 24)), "head dims"),
 ])
@@ -130,16 +131,47 @@ def test_bad_input_raises_clear_value_error(kwargs, message):
         pbs_attention(**args)
 
 
-def test_block_index_lists_are_compacted_rows_in_order():
+@pytest.mark.parametrize("seg_blocks", [1, 3, 20])
+def test_block_index_lists_are_compacted_rows_in_order(seg_blocks):
+    """One launch per orientation gives the full (off-segment) and part (own segment) lists of
+    every row, zero past the count."""
     from kernels.triton_attention import _compact
-    mask = torch.rand(2, 3, 9, 13) > 0.6
+    mask = torch.rand(2, 3, 9, 13) > 0.4
     for m in (mask, mask.transpose(-1, -2)):
-        count, idx = _compact(m.to(DEVICE))
-        for row, c, ids in zip(m.reshape(-1, m.shape[-1]), count.flatten(),
-                               idx.reshape(-1, m.shape[-1])):
-            want = torch.nonzero(row).flatten()
-            assert c.item() == len(want) and torch.equal(ids[:c].cpu().long(), want)
-        assert idx.dtype == torch.int16 and count.dtype == torch.int32
+        R, C = m.shape[-2:]
+        seg = torch.arange(R)[:, None] // seg_blocks == torch.arange(C)[None, :] // seg_blocks
+        lists = _compact(m.to(DEVICE), seg_blocks)
+        for (count, idx), sel, width in ((lists[:2], m & ~seg, C),
+                                         (lists[2:], m & seg, min(seg_blocks, C))):
+            assert idx.shape == (*m.shape[:-1], width)
+            assert idx.dtype == torch.int16 and count.dtype == torch.int32
+            for row, c, ids in zip(sel.reshape(-1, C), count.cpu().flatten(),
+                                   idx.cpu().reshape(-1, width)):
+                want = torch.nonzero(row).flatten()
+                assert c.item() == len(want) and torch.equal(ids[:c].long(), want)
+                assert not ids[c:].any()
+
+
+def test_block_index_from_plan_equals_the_masked_lists():
+    """``BlockIndex.from_plan`` = the compacted rows and columns of block_mask & ~diag (full)
+    and block_mask & diag (part, width min(S / b, nb))."""
+    from kernels.triton_attention import BlockIndex
+    nb = 13
+    mask = torch.rand(1, 2, nb, nb, device=DEVICE) > 0.5
+    for S in (16, 48, 256):
+        plan = PBSPlan(torch.arange(200, device=DEVICE).expand(1, 1, 200), mask, 16, S)
+        index = BlockIndex.from_plan(plan)
+        diag = plan.diagonal_segment_mask()
+        for name, sel, width in (("full", plan.block_mask & ~diag, nb),
+                                 ("part", plan.block_mask & diag, min(S // 16, nb))):
+            for side, m in (("kv", sel), ("q", sel.transpose(-1, -2))):
+                want_idx = torch.zeros(*m.shape[:-1], width, dtype=torch.int16)
+                for pos, row in zip(want_idx.view(-1, width), m.cpu().reshape(-1, nb)):
+                    cols = torch.nonzero(row).flatten()
+                    pos[:len(cols)] = cols
+                assert torch.equal(getattr(index, f"{name}_{side}_cnt").cpu(),
+                                   m.sum(-1, dtype=torch.int32).cpu())
+                assert torch.equal(getattr(index, f"{name}_{side}_idx").cpu(), want_idx)
 
 
 def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):

@@ -1,12 +1,19 @@
-"""Permutation and block selection (pure torch, CPU)."""
+"""Permutation and block selection: pure torch, and the Triton planning path against it
+(interpreter on CPU)."""
 
 import math
 
 import pytest
 import torch
 
-from kernels import pbs_attention
-from kernels.plan import block_pool, same_segment, segment_permutation, select_blocks
+from kernels import pbs_attention, pbs_plan
+from kernels.plan import (
+    block_pool,
+    permute_keys,
+    same_segment,
+    segment_permutation,
+    select_blocks,
+)
 
 
 def _qkv(B=1, Hq=4, Hkv=2, N=512, D=32):
@@ -145,28 +152,102 @@ def test_permutation_lowers_density_on_structured_attention():
     assert dens[True] < 0.9 * dens[False], dens
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2, 600, 64, 32, 64), (2, 2, 1, 300, 32, 16, 64)])
-def test_triton_planning_kernels_equal_the_torch_plan(shape):
-    """Importance (two-pass, no score matrix) and bisection selection vs sort-based torch."""
-    B, Hq, Hkv, N, D, b, S = shape
+@pytest.mark.parametrize("shape", [(1, 4, 2, 600, 64, 32, 64, 1024), (2, 2, 1, 300, 32, 16, 64, 128)])
+def test_triton_planning_kernels_equal_the_torch_plan(shape, monkeypatch):
+    """Importance (split-K two-pass, no score matrix; min_chunk 128 forces several key chunks)
+    and fused pooling + bisection selection vs sort-based torch."""
+    from kernels import triton_plan
+    B, Hq, Hkv, N, D, b, S, min_chunk = shape
+    monkeypatch.setattr(triton_plan, "_MIN_CHUNK", min_chunk)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(N)  # no near-tie of importances that rounding could swap
     q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
-    from kernels.triton_plan import key_importance
     q_last, n_complete = q[:, :, N - b:].reshape(B, Hkv, Hq // Hkv * b, D), N // S * S
     want = torch.softmax(q_last @ k[:, :, :n_complete].transpose(-1, -2) * D ** -0.5, -1).mean(-2)
-    got = key_importance(q_last, k[:, :, :n_complete], D ** -0.5)
+    got = triton_plan.key_importance(q, k, n_complete, b, D ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-    perm = segment_permutation(q, k, b, S, D ** -0.5, use_triton=True)
-    k_perm = torch.gather(k, 2, perm[..., None].expand_as(k))
+    perm = triton_plan.triton_segment_permutation(q, k, b, S, D ** -0.5)
+    assert torch.equal(perm, segment_permutation(q, k, b, S, D ** -0.5))
     for threshold, density in ((0.5, None), (0.95, None), (0.9, 0.3), (0.9, 0.05)):
-        args = (q, k_perm, perm, b, S, threshold, True, D ** -0.5, density)
-        assert torch.equal(select_blocks(*args), select_blocks(*args, use_triton=True))
+        args = (perm, b, S, threshold, True, D ** -0.5, density)
+        _assert_same_blocks(triton_plan.triton_select_blocks(q, k, *args),
+                            select_blocks(q, permute_keys(k, perm), *args), q, k, *args)
 
 
-@pytest.mark.parametrize("use_triton", [False, True])
-def test_query_end_ranks_keys_by_the_last_real_queries(use_triton):
+def test_triton_segment_sort_is_a_stable_descending_argsort():
+    """Exact ties (zeros included) keep position order, as in torch's stable argsort; the tail
+    segment keeps identity order; S need not be a power of two."""
+    import triton
+
+    from kernels.triton_plan import _sort_segments
+    BH, N, S = 2, 200, 48
+    n_complete = N // S * S
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    imp = torch.randint(0, 4, (BH, n_complete), device=device).float() / 7
+    perm = torch.empty(BH, N, dtype=torch.int64, device=device)
+    _sort_segments[(BH, triton.cdiv(N, S))](imp, perm, N, n_complete, S, BLOCK=64)
+    order = torch.argsort(imp.view(BH, -1, S), dim=-1, descending=True, stable=True)
+    order += torch.arange(0, n_complete, S, device=device)[:, None]
+    tail = torch.arange(n_complete, N, device=device).expand(BH, -1)
+    assert torch.equal(perm, torch.cat([order.flatten(1), tail], 1))
+
+
+# (B, Hq, Hkv, N, D, b, S, kwargs): G in {1, 4}, N not a multiple of b or S, N <= S, threshold
+# < 1 and = 1, density, no sink, query_end.
+PLAN_CASES = [
+    (1, 4, 1, 300, 32, 16, 64, {"threshold": 0.7}),
+    (2, 2, 2, 200, 64, 32, 64, {"threshold": 0.5, "sink": False, "query_end": [200, 90]}),
+    (1, 4, 1, 60, 32, 16, 64, {"threshold": 0.3}),
+    (1, 4, 1, 250, 32, 16, 32, {"threshold": 1.0}),
+    (1, 4, 2, 256, 32, 16, 32, {"density": 0.3}),
+    (1, 2, 2, 330, 32, 16, 64, {"density": 0.2, "sink": False}),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-D{}-b{}-S{}".format(*c))
+def test_triton_plan_equals_the_torch_plan(case):
+    B, Hq, Hkv, N, D, b, S, kwargs = case
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(N)  # no near-tie of importances that rounding could swap
+    q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    if "query_end" in kwargs:
+        kwargs = {**kwargs, "query_end": torch.tensor(kwargs["query_end"], device=device)}
+    want = pbs_plan(q, k, b, S, backend="torch", **kwargs)
+    got = pbs_plan(q, k, b, S, backend="triton", **kwargs)
+    assert torch.equal(got.key_perm, want.key_perm)
+    _assert_same_blocks(got.block_mask, want.block_mask, q, k, want.key_perm, b, S,
+                        kwargs.get("threshold", 0.9), kwargs.get("sink", True), D ** -0.5,
+                        kwargs.get("density"))
+
+
+def _assert_same_blocks(got, want, q, k, key_perm, b, S, threshold, sink, scale, density):
+    """Equal block masks, except in rows whose selection hinges on float rounding (the pooled
+    sums may add in another order): two candidate scores within 1e-5 of each other (relative),
+    or, with a threshold, the mass of a top prefix within 1e-5 of it."""
+    differ = (got != want).any(-1)
+    if not differ.any():
+        return
+    B, Hq, N, D = q.shape
+    Hkv, nb = k.shape[1], math.ceil(N / b)
+    pq = block_pool(q, b).view(B, Hkv, Hq // Hkv * nb, D)
+    pk = block_pool(permute_keys(k, key_perm), b)
+    scores = (pq @ pk.transpose(-1, -2)).view(B, Hq, nb, nb) * scale
+    blk = torch.arange(nb, device=q.device)
+    candidate = ~same_segment(nb, b, S, q.device) & (blk[None, :] < blk[:, None])
+    s = scores.masked_fill(~candidate, float("-inf")).sort(-1, descending=True).values
+    ambiguous = ((s[..., :-1] - s[..., 1:]).abs() <= 1e-5 * s[..., :-1].abs()).any(-1)
+    if density is None:
+        probs = torch.softmax(s, -1).nan_to_num(0.0)
+        ambiguous |= ((probs.cumsum(-1) - probs - threshold).abs() < 1e-5).any(-1)
+    assert not (differ & ~ambiguous).any(), (differ & ~ambiguous).nonzero()
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_query_end_ranks_keys_by_the_last_real_queries(triton):
     """With ``query_end`` (right-padded batches), importance comes from the ``b`` queries before
     each sequence's end: equal to the plain plan of q with those rows moved to the end."""
+    from kernels.triton_plan import triton_segment_permutation
+    permutation = triton_segment_permutation if triton else segment_permutation
     B, Hq, Hkv, N, D, b, S = 3, 4, 2, 320, 32, 32, 64
     q, k = torch.randn(B, Hq, N, D), torch.randn(B, Hkv, N, D)
     end = torch.tensor([320, 150, 20])  # full, padded, shorter than one block
@@ -174,10 +255,10 @@ def test_query_end_ranks_keys_by_the_last_real_queries(use_triton):
     for i, e in enumerate(end.tolist()):
         s = max(0, e - b)
         moved[i, :, N - b:] = q[i, :, s:s + b]
-    got = segment_permutation(q, k, b, S, D ** -0.5, use_triton, query_end=end)
-    want = segment_permutation(moved, k, b, S, D ** -0.5, use_triton)
+    got = permutation(q, k, b, S, D ** -0.5, query_end=end)
+    want = permutation(moved, k, b, S, D ** -0.5)
     assert torch.equal(got, want)
-    assert not torch.equal(got[1], segment_permutation(q, k, b, S, D ** -0.5, use_triton)[1])
+    assert not torch.equal(got[1], permutation(q, k, b, S, D ** -0.5)[1])
 
 
 def test_query_end_is_validated():
