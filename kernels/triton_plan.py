@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan import identity_permutation
 from .triton_attention import LOG2E, dot_settings
 
 _BISECT_STEPS = 40
@@ -192,10 +193,10 @@ def triton_segment_permutation(q: torch.Tensor, k: torch.Tensor, block_size: int
     B, _, N, _ = q.shape
     Hkv = k.shape[1]
     n_complete = (N // segment_size) * segment_size if N > segment_size else 0
+    if not n_complete:
+        return identity_permutation(k)
     key_perm = torch.empty(B, Hkv, N, device=k.device, dtype=torch.int64)
-    imp = key_perm  # unread without complete segments
-    if n_complete:
-        imp = key_importance(q, k, n_complete, min(block_size, N), scale, query_end)
+    imp = key_importance(q, k, n_complete, min(block_size, N), scale, query_end)
     _sort_segments[(B * Hkv, triton.cdiv(N, segment_size))](
         imp, key_perm, N, n_complete, segment_size, BLOCK=triton.next_power_of_2(segment_size),
         num_warps=4 if segment_size <= 1024 else 8)

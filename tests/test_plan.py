@@ -249,8 +249,9 @@ def test_query_end_ranks_keys_by_the_last_real_queries(triton):
     from kernels.triton_plan import triton_segment_permutation
     permutation = triton_segment_permutation if triton else segment_permutation
     B, Hq, Hkv, N, D, b, S = 3, 4, 2, 320, 32, 32, 64
-    q, k = torch.randn(B, Hq, N, D), torch.randn(B, Hkv, N, D)
-    end = torch.tensor([320, 150, 20])  # full, padded, shorter than one block
+    device = "cuda" if triton and torch.cuda.is_available() else "cpu"
+    q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    end = torch.tensor([320, 150, 20], device=device)  # full, padded, shorter than one block
     moved = q.clone()
     for i, e in enumerate(end.tolist()):
         s = max(0, e - b)
