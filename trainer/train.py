@@ -313,7 +313,11 @@ class MemorySnapshot:
 
     def before_step(self, step: int) -> None:
         if step == self.step:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+            # Stacks of allocations only, Python frames only (what bench.memory_peak reads):
+            # recording the stacks of frees made the backward fail on an H200 (torch 2.11,
+            # SystemError from run_backward).
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="alloc",
+                                                     stacks="python")
 
     def after_step(self, step: int) -> None:
         if step == self.step:
