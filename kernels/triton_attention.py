@@ -4,13 +4,13 @@ Keys and values enter the autograd Function in original token order (B, Hkv, N, 
 ``key_pos[p]`` is the original row of the key at permuted position p. The forward and dQ kernels
 read a transient permuted copy of K/V (contiguous rows pipeline better than rows addressed
 through ``key_pos`` in every tile), made inside the Function by a gather kernel (outside
-autograd) and freed right after the kernel: nothing permuted is saved for backward. Each query block walks two compacted lists
-of key blocks: "full" blocks from earlier segments (every key precedes every query, no mask) and
-diagonal-segment blocks (token mask ``key_pos[p] <= i`` on original positions). The backward
-computes dQ row-wise over the same lists, frees its permuted copy, then dK/dV column-wise from
-transposed lists, one program per KV head summing over its G query heads (no atomics:
-deterministic); that kernel reads its key tile from the original K/V through ``key_pos`` and
-stores dK/dV straight to the original rows.
+autograd) and freed right after the kernel: nothing permuted is saved for backward. Each query
+block walks two compacted lists of key blocks: "full" blocks from earlier segments (every key
+precedes every query, no mask) and diagonal-segment blocks (token mask ``key_pos[p] <= i`` on
+original positions). The backward computes dQ row-wise over the same lists, frees its permuted
+copy, then dK/dV column-wise from transposed lists, one program per KV head summing over its G
+query heads (no atomics: deterministic); that kernel reads its key tile from the original K/V
+through ``key_pos`` and stores dK/dV straight to the original rows.
 """
 
 from __future__ import annotations

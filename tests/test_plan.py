@@ -15,6 +15,8 @@ from kernels.plan import (
     select_blocks,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _qkv(B=1, Hq=4, Hkv=2, N=512, D=32):
     return torch.randn(B, Hq, N, D), torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
@@ -159,9 +161,8 @@ def test_triton_planning_kernels_equal_the_torch_plan(shape, monkeypatch):
     from kernels import triton_plan
     B, Hq, Hkv, N, D, b, S, min_chunk = shape
     monkeypatch.setattr(triton_plan, "_MIN_CHUNK", min_chunk)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(N)  # no near-tie of importances that rounding could swap
-    q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    q, k = torch.randn(B, Hq, N, D, device=DEVICE), torch.randn(B, Hkv, N, D, device=DEVICE)
     q_last, n_complete = q[:, :, N - b:].reshape(B, Hkv, Hq // Hkv * b, D), N // S * S
     want = torch.softmax(q_last @ k[:, :, :n_complete].transpose(-1, -2) * D ** -0.5, -1).mean(-2)
     got = triton_plan.key_importance(q, k, n_complete, b, D ** -0.5)
@@ -182,13 +183,12 @@ def test_triton_segment_sort_is_a_stable_descending_argsort():
     from kernels.triton_plan import _sort_segments
     BH, N, S = 2, 200, 48
     n_complete = N // S * S
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    imp = torch.randint(0, 4, (BH, n_complete), device=device).float() / 7
-    perm = torch.empty(BH, N, dtype=torch.int64, device=device)
+    imp = torch.randint(0, 4, (BH, n_complete), device=DEVICE).float() / 7
+    perm = torch.empty(BH, N, dtype=torch.int64, device=DEVICE)
     _sort_segments[(BH, triton.cdiv(N, S))](imp, perm, N, n_complete, S, BLOCK=64)
     order = torch.argsort(imp.view(BH, -1, S), dim=-1, descending=True, stable=True)
-    order += torch.arange(0, n_complete, S, device=device)[:, None]
-    tail = torch.arange(n_complete, N, device=device).expand(BH, -1)
+    order += torch.arange(0, n_complete, S, device=DEVICE)[:, None]
+    tail = torch.arange(n_complete, N, device=DEVICE).expand(BH, -1)
     assert torch.equal(perm, torch.cat([order.flatten(1), tail], 1))
 
 
@@ -207,11 +207,10 @@ PLAN_CASES = [
 @pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-D{}-b{}-S{}".format(*c))
 def test_triton_plan_equals_the_torch_plan(case):
     B, Hq, Hkv, N, D, b, S, kwargs = case
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(N)  # no near-tie of importances that rounding could swap
-    q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    q, k = torch.randn(B, Hq, N, D, device=DEVICE), torch.randn(B, Hkv, N, D, device=DEVICE)
     if "query_end" in kwargs:
-        kwargs = {**kwargs, "query_end": torch.tensor(kwargs["query_end"], device=device)}
+        kwargs = {**kwargs, "query_end": torch.tensor(kwargs["query_end"], device=DEVICE)}
     want = pbs_plan(q, k, b, S, backend="torch", **kwargs)
     got = pbs_plan(q, k, b, S, backend="triton", **kwargs)
     assert torch.equal(got.key_perm, want.key_perm)
@@ -249,7 +248,7 @@ def test_query_end_ranks_keys_by_the_last_real_queries(triton):
     from kernels.triton_plan import triton_segment_permutation
     permutation = triton_segment_permutation if triton else segment_permutation
     B, Hq, Hkv, N, D, b, S = 3, 4, 2, 320, 32, 32, 64
-    device = "cuda" if triton and torch.cuda.is_available() else "cpu"
+    device = DEVICE if triton else "cpu"
     q, k = torch.randn(B, Hq, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
     end = torch.tensor([320, 150, 20], device=device)  # full, padded, shorter than one block
     moved = q.clone()
