@@ -2,15 +2,16 @@
 
 Keys and values enter the autograd Function in original token order (B, Hkv, N, D);
 ``key_pos[p]`` is the original row of the key at permuted position p. The forward and dQ kernels
-read a transient permuted copy of K/V (contiguous rows pipeline better than rows addressed
-through ``key_pos`` in every tile), made inside the Function by a gather kernel (outside
-autograd) and freed right after the kernel: nothing permuted is saved for backward. Each query
+read a transient permuted copy of K/V (contiguous rows, so every key tile is one TMA copy),
+made inside the Function by a gather kernel (outside autograd) and freed right after the kernel:
+nothing permuted is saved for backward. Each query
 block walks two compacted lists of key blocks: "full" blocks from earlier segments (every key
 precedes every query, no mask) and diagonal-segment blocks (token mask ``key_pos[p] <= i`` on
 original positions). The backward computes dQ row-wise over the same lists, frees its permuted
 copy, then dK/dV column-wise from transposed lists, one program per KV head summing over its G
 query heads (no atomics: deterministic); that kernel reads its key tile from the original K/V
-through ``key_pos`` and stores dK/dV straight to the original rows.
+through ``key_pos`` (once per program), its query tiles of Q and dO by TMA, and stores dK/dV
+straight to the original rows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .plan import PBSPlan
 
@@ -111,30 +113,21 @@ def _compact_rows(MASK, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, H, R, C, seg_blo
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
-                   HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
+def _load_key_tile(K_desc, V_desc, KPOS_ptr, b, hk, start, N, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
                    DOT_F32: tl.constexpr):
-    """kT (D, n), v (n, D) or vT (D, n) of the keys at permuted positions ``cols``, read from
-    the permuted K/V copies (contiguous rows ``cols``), and the original positions of those keys.
-    Unmasked tiles (full blocks) are always in range and load no positions (``cols`` is returned,
-    unused); masked ones may run past N (position int32 max, zero rows)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = K_ptr + cols[None, :] * stride_kn + offs_d[:, None]
+    """kT (D, n), v (n, D) or vT (D, n) of the keys at permuted positions start..start+n, read
+    by TMA from the permuted K/V copies (rows past N read as zeros), and the original positions
+    of those keys. Unmasked tiles (full blocks) load no positions (the permuted positions are
+    returned, unused); masked ones give int32 max past N."""
+    cols = start + tl.arange(0, BLOCK_N)
+    kT = tl.trans(K_desc.load([b, hk, start, 0]).reshape(BLOCK_N, HEAD_DIM))
+    v = V_desc.load([b, hk, start, 0]).reshape(BLOCK_N, HEAD_DIM)
     if V_TRANSPOSED:
-        v_ptrs = V_ptr + cols[None, :] * stride_vn + offs_d[:, None]
-    else:
-        v_ptrs = V_ptr + cols[:, None] * stride_vn + offs_d[None, :]
+        v = tl.trans(v)
     if MASKED:
-        in_range = cols < N
-        kT = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
-        if V_TRANSPOSED:
-            v = tl.load(v_ptrs, mask=in_range[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-        key_pos = tl.load(KPOS_ptr + cols, mask=in_range, other=2147483647)
+        key_pos = tl.load(KPOS_ptr + cols, mask=cols < N, other=2147483647)
     else:
-        kT = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
         key_pos = cols
     if DOT_F32:
         kT = kT.to(tl.float32)
@@ -143,19 +136,18 @@ def _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, IDX_ptr, row,
-                    idx_width, N, stride_kn, stride_vn, qk_scale,
+def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_desc, V_desc, KPOS_ptr, b, hk, CNT_ptr, IDX_ptr,
+                    row, idx_width, N, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of one query tile over one compacted list of key blocks."""
     SUBS: tl.constexpr = BLOCK // BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
     count = tl.load(CNT_ptr + row)
     for t in range(0, count * SUBS):
         kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS).to(tl.int32)
-        cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
-        kT, v, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
-                                        HEAD_DIM, MASKED, False, DOT_F32)
+        kT, v, key_pos = _load_key_tile(K_desc, V_desc, KPOS_ptr, b, hk,
+                                        kblk * BLOCK + (t % SUBS) * BLOCK_N, N, HEAD_DIM,
+                                        BLOCK_N, MASKED, False, DOT_F32)
         qk = tl.dot(q, kT, input_precision=PRECISION)
         if MASKED:
             qk = tl.where(key_pos[None, :] <= offs_m[:, None], qk * qk_scale, float("-inf"))
@@ -175,11 +167,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, I
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, KPOS, O, LSE,
+def _attn_fwd(Q, K_desc, V_desc, KPOS, O, LSE,
               FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
               qk_scale, N, H, G, NB,
-              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -196,19 +187,17 @@ def _attn_fwd(Q, K, V, KPOS, O, LSE,
                 mask=offs_m[:, None] < N, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    K_ptr = K + b * stride_kb + hk * stride_kh
-    V_ptr = V + b * stride_vb + hk * stride_vh
     KPOS_ptr = KPOS + (b * (H // G) + hk) * N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr,
-                                    FULL_CNT, FULL_IDX, row, full_width, N, stride_kn, stride_vn,
-                                    qk_scale, HEAD_DIM, BLOCK, BLOCK_N, False, DOT_F32, PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_ptr, V_ptr, KPOS_ptr,
-                                    PART_CNT, PART_IDX, row, part_width, N, stride_kn, stride_vn,
-                                    qk_scale, HEAD_DIM, BLOCK, BLOCK_N, True, DOT_F32, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_desc, V_desc, KPOS_ptr, b, hk,
+                                    FULL_CNT, FULL_IDX, row, full_width, N, qk_scale, HEAD_DIM,
+                                    BLOCK, BLOCK_N, False, DOT_F32, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, K_desc, V_desc, KPOS_ptr, b, hk,
+                                    PART_CNT, PART_IDX, row, part_width, N, qk_scale, HEAD_DIM,
+                                    BLOCK, BLOCK_N, True, DOT_F32, PRECISION)
 
     has_keys = l_i > 0.0  # rows with no allowed key give 0 (and +inf LSE: zero gradient)
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -260,18 +249,17 @@ def _attn_bwd_delta(O, DO, DELTA, N, stride_ob, stride_oh, stride_on, stride_dob
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr, CNT_ptr, IDX_ptr,
-                       row, idx_width, N, stride_kn, stride_vn, qk_scale,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_desc, V_desc, KPOS_ptr, b, hk, CNT_ptr,
+                       IDX_ptr, row, idx_width, N, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     SUBS: tl.constexpr = BLOCK // BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
     count = tl.load(CNT_ptr + row)
     for t in range(0, count * SUBS):
         kblk = tl.load(IDX_ptr + row * idx_width + t // SUBS).to(tl.int32)
-        cols = kblk * BLOCK + (t % SUBS) * BLOCK_N + offs_n
-        kT, vT, key_pos = _load_key_tile(K_ptr, V_ptr, KPOS_ptr, cols, N, stride_kn, stride_vn,
-                                         HEAD_DIM, MASKED, True, DOT_F32)
+        kT, vT, key_pos = _load_key_tile(K_desc, V_desc, KPOS_ptr, b, hk,
+                                         kblk * BLOCK + (t % SUBS) * BLOCK_N, N, HEAD_DIM,
+                                         BLOCK_N, MASKED, True, DOT_F32)
         qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
@@ -283,11 +271,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr, CN
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, KPOS, DO, DQ, LSE, DELTA,
+def _attn_bwd_dq(Q, K_desc, V_desc, KPOS, DO, DQ, LSE, DELTA,
                  FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
                  qk_scale, sm_scale, N, H, G, NB,
-                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                 stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
                  HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """dQ for one query tile, row-wise over the key blocks it computed. DQ has q's strides."""
@@ -311,44 +298,38 @@ def _attn_bwd_dq(Q, K, V, KPOS, DO, DQ, LSE, DELTA,
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    K_ptr = K + b * stride_kb + hk * stride_kh
-    V_ptr = V + b * stride_vb + hk * stride_vh
     KPOS_ptr = KPOS + (b * (H // G) + hk) * N
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr,
-                            FULL_CNT, FULL_IDX, row, full_width, N, stride_kn, stride_vn,
-                            qk_scale, HEAD_DIM, BLOCK, BLOCK_N, False, DOT_F32, PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_ptr, V_ptr, KPOS_ptr,
-                            PART_CNT, PART_IDX, row, part_width, N, stride_kn, stride_vn,
-                            qk_scale, HEAD_DIM, BLOCK, BLOCK_N, True, DOT_F32, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_desc, V_desc, KPOS_ptr, b, hk,
+                            FULL_CNT, FULL_IDX, row, full_width, N, qk_scale, HEAD_DIM, BLOCK,
+                            BLOCK_N, False, DOT_F32, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, K_desc, V_desc, KPOS_ptr, b, hk,
+                            PART_CNT, PART_IDX, row, part_width, N, qk_scale, HEAD_DIM, BLOCK,
+                            BLOCK_N, True, DOT_F32, PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, CNT_ptr,
-                         IDX_ptr, col, idx_width, N, stride_qn, stride_don, qk_scale,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_desc, DO_desc, b, h, LSE_ptr, DELTA_ptr,
+                         CNT_ptr, IDX_ptr, col, idx_width, N, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASKED: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over one query head's compacted query-block list."""
     SUBS: tl.constexpr = BLOCK // BLOCK_M
-    offs_d = tl.arange(0, HEAD_DIM)
     count = tl.load(CNT_ptr + col)
     for t in range(0, count * SUBS):
         qblk = tl.load(IDX_ptr + col * idx_width + t // SUBS).to(tl.int32)
-        offs_m = qblk * BLOCK + (t % SUBS) * BLOCK_M + tl.arange(0, BLOCK_M)
-        qT_ptrs = Q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None]
-        do_ptrs = DO_ptr + offs_m[:, None] * stride_don + offs_d[None, :]
+        start_m = qblk * BLOCK + (t % SUBS) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT = tl.trans(Q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM))
+        do = DO_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)  # zeros past N
         if EVEN_N:  # every query block is complete: no row masks in the loop
-            qT = tl.load(qT_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(LSE_ptr + offs_m)
             delta = tl.load(DELTA_ptr + offs_m)
         else:
             in_rows = offs_m < N
-            qT = tl.load(qT_ptrs, mask=in_rows[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0)
             lse = tl.load(LSE_ptr + offs_m, mask=in_rows, other=float("inf"))
             delta = tl.load(DELTA_ptr + offs_m, mask=in_rows, other=0.0)
         if DOT_F32:
@@ -366,11 +347,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_pt
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
+def _attn_bwd_dkdv(Q_desc, K, V, KPOS, DO_desc, DK, DV, LSE, DELTA,
                    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
                    qk_scale, sm_scale, N, H, G, NB,
-                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
@@ -403,18 +383,16 @@ def _attn_bwd_dkdv(Q, K, V, KPOS, DO, DK, DV, LSE, DELTA,
     for g in range(0, G):
         h = hk * G + g
         col = (b * H + h) * NB + kblk
-        Q_ptr = Q + b * stride_qb + h * stride_qh
-        DO_ptr = DO + b * stride_dob + h * stride_doh
         LSE_ptr = LSE + (b * H + h) * N
         DELTA_ptr = DELTA + (b * H + h) * N
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
-                                      FULL_CNT, FULL_IDX, col, full_width, N, stride_qn,
-                                      stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, False,
-                                      EVEN_N, DOT_F32, PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
-                                      PART_CNT, PART_IDX, col, part_width, N, stride_qn,
-                                      stride_don, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, True,
-                                      EVEN_N, DOT_F32, PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_desc, DO_desc, b, h, LSE_ptr,
+                                      DELTA_ptr, FULL_CNT, FULL_IDX, col, full_width, N,
+                                      qk_scale, HEAD_DIM, BLOCK, BLOCK_M, False, EVEN_N, DOT_F32,
+                                      PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_desc, DO_desc, b, h, LSE_ptr,
+                                      DELTA_ptr, PART_CNT, PART_IDX, col, part_width, N,
+                                      qk_scale, HEAD_DIM, BLOCK, BLOCK_M, True, EVEN_N, DOT_F32,
+                                      PRECISION)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_d[None, :],
@@ -445,7 +423,7 @@ class KernelConfig:
 # Tuned on an H200 for D=128 bf16 (bench/tune.py, docs/benchmarks.md); the interpreter ignores
 # warps and stages.
 FWD_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=4)
+BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
 LOG2E = 1.4426950408889634
 
@@ -459,6 +437,20 @@ def dot_settings(x: torch.Tensor) -> tuple[bool, str]:
 
 def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
+
+
+def _tma_ready(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a contiguous copy when its layout cannot back a TMA descriptor (last dim
+    strided, a broadcast or unaligned stride, an unaligned base)."""
+    ok = (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+          and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1]))
+    return x if ok else x.contiguous()
+
+
+def _rows_desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor of a (B, H, N, D) tensor (rows contiguous, strides 16-byte aligned) whose
+    tiles are ``rows`` consecutive rows of one head; rows past N read as zeros."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
 
 
 def permuted_kv(k: torch.Tensor, v: torch.Tensor,
@@ -488,10 +480,10 @@ def attention_forward(q, k_perm, v_perm, key_pos, index: BlockIndex, scale: floa
     dot_f32, precision = dot_settings(q)
     grid = (B * H, triton.cdiv(N, cfg.block_m))
     _attn_fwd[grid](
-        q, k_perm, v_perm, key_pos, out, lse,
+        q, _rows_desc(k_perm, cfg.block_n), _rows_desc(v_perm, cfg.block_n), key_pos, out, lse,
         index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
-        scale * LOG2E, N, H, G, nb, *_strides(q, k_perm, v_perm, out),
+        scale * LOG2E, N, H, G, nb, *_strides(q, out),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_F32=dot_f32,
         PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -524,11 +516,11 @@ def launch_dq(dq, do, q, k_perm, v_perm, lse, delta, key_pos, index: BlockIndex,
     cfg = cfg.fit(block, q.dtype)
     dot_f32, precision = dot_settings(q)
     _attn_bwd_dq[(B * H, triton.cdiv(N, cfg.block_m))](
-        q, k_perm, v_perm, key_pos, do, dq, lse, delta,
-        index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
+        q, _rows_desc(k_perm, cfg.block_n), _rows_desc(v_perm, cfg.block_n), key_pos, do, dq,
+        lse, delta, index.full_kv_cnt, index.full_kv_idx, index.part_kv_cnt, index.part_kv_idx,
         index.full_kv_idx.shape[-1], index.part_kv_idx.shape[-1],
         scale * LOG2E, scale, N, H, H // k_perm.shape[1], index.full_kv_cnt.shape[-1],
-        *_strides(q, k_perm, v_perm, do),
+        *_strides(q, do),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
@@ -542,11 +534,11 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
     cfg = cfg.fit(block, q.dtype)
     dot_f32, precision = dot_settings(q)
     _attn_bwd_dkdv[(B * Hkv, triton.cdiv(N, cfg.block_n))](
-        q, k, v, key_pos, do, dk, dv, lse, delta,
-        index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
+        _rows_desc(q, cfg.block_m), k, v, key_pos, _rows_desc(do, cfg.block_m), dk, dv, lse,
+        delta, index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
         index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
         scale * LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
-        *_strides(q, k, v, do, dk, dv),
+        *_strides(k, v, dk, dv),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=N % block == 0,
         DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
@@ -571,8 +563,7 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, key_pos, *index_tensors = ctx.saved_tensors
-        if do.stride(-1) != 1:
-            do = do.contiguous()
+        do = _tma_ready(do)
         dq, dk, dv = attention_backward(do, q, k, v, out, lse, key_pos, BlockIndex(*index_tensors),
                                         ctx.scale, ctx.block)
         return (dq, dk, dv) + (None,) * (3 + len(index_tensors))
@@ -582,7 +573,7 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   plan: PBSPlan, scale: float) -> torch.Tensor:
     """Differentiable Triton attention; k, v in original token order (permuted through
     ``plan.key_perm`` inside the Function), gradients returned in original order."""
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = (_tma_ready(x) for x in (q, k, v))
     key_pos = plan.key_perm.to(torch.int32).contiguous()
     index = BlockIndex.from_plan(plan)
     return BlockSparseAttentionFunction.apply(q, k, v, key_pos, scale, plan.block_size,
