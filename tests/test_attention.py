@@ -228,3 +228,23 @@ def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):
                       (v_base.grad[..., D:].transpose(1, 2), v64.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
     assert v_base.grad[..., :D].abs().max() == 0 and q_base.grad[..., D:].abs().max() == 0
+
+
+def test_triton_inputs_that_cannot_back_a_tma_descriptor():
+    """Row pitches that are not a multiple of 16 bytes (D + 1 fp32 values) and the broadcast
+    gradient of ``out.sum()`` (stride 0) cannot back the kernels' TMA descriptors: they are
+    copied contiguous first, and the results still match the float64 reference."""
+    B, Hq, Hkv, N, D, b, S = 1, 2, 1, 96, 64, 16, 32
+    bases = [torch.randn(B, h, N, D + 1, device=DEVICE, requires_grad=True)
+             for h in (Hq, Hkv, Hkv)]
+    q, k, v = (x[..., :D] for x in bases)
+    assert q.stride(-2) * q.element_size() % 16 != 0
+    plan = pbs_plan(q, k, block_size=b, segment_size=S, threshold=0.8, backend="triton")
+    out = block_sparse_attention(q, k, v, plan, backend="triton")
+    out.sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, plan)
+    ref.sum().backward()
+    for got, want in ((out, ref), *((x.grad[..., :D], y.grad) for x, y in
+                                    zip(bases, (q64, k64, v64)))):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
