@@ -2,16 +2,16 @@
 
 Keys and values enter the autograd Function in original token order (B, Hkv, N, D);
 ``key_pos[p]`` is the original row of the key at permuted position p. The forward and dQ kernels
-read a transient permuted copy of K/V (contiguous rows, so every key tile is one TMA copy),
-made inside the Function by a gather kernel (outside autograd) and freed right after the kernel:
-nothing permuted is saved for backward. Each query
-block walks two compacted lists of key blocks: "full" blocks from earlier segments (every key
-precedes every query, no mask) and diagonal-segment blocks (token mask ``key_pos[p] <= i`` on
-original positions). The backward computes dQ row-wise over the same lists, frees its permuted
-copy, then dK/dV column-wise from transposed lists, one program per KV head summing over its G
-query heads (no atomics: deterministic); that kernel reads its key tile from the original K/V
-through ``key_pos`` (once per program), its query tiles of Q and dO by TMA, and stores dK/dV
-straight to the original rows.
+read a transient permuted copy of K/V (contiguous rows, so every key tile is one TMA copy), made
+inside the Function by a gather kernel (outside autograd) and freed right after the kernel:
+nothing permuted is saved for backward. Each query block walks two compacted lists of key
+blocks: "full" blocks from earlier segments (every key precedes every query, no mask) and
+diagonal-segment blocks (token mask ``key_pos[p] <= i`` on original positions). The backward
+computes dQ row-wise over the same lists, frees its permuted copy, then dK/dV column-wise from
+transposed lists, one program per KV head summing over its G query heads (no atomics:
+deterministic); that kernel reads its key tile from the original K/V through ``key_pos`` (once
+per program), its query tiles of Q and dO by TMA, and stores dK/dV straight to the original
+rows.
 """
 
 from __future__ import annotations
@@ -584,7 +584,8 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   plan: PBSPlan, scale: float) -> torch.Tensor:
     """Differentiable Triton attention; k, v in original token order (permuted through
     ``plan.key_perm`` inside the Function), gradients returned in original order."""
-    q, k, v = (_tma_ready(x) for x in (q, k, v))
+    q = _tma_ready(q)  # k, v are read through pointers: unit last stride is all they need
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     key_pos = plan.key_perm.to(torch.int32).contiguous()
     index = BlockIndex.from_plan(plan)
     return BlockSparseAttentionFunction.apply(q, k, v, key_pos, scale, plan.block_size,

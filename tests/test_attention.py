@@ -231,9 +231,10 @@ def test_triton_reads_original_order_kv_through_the_permutation(monkeypatch):
 
 
 def test_triton_inputs_that_cannot_back_a_tma_descriptor():
-    """Row pitches that are not a multiple of 16 bytes (D + 1 fp32 values) and the broadcast
+    """A q row pitch that is not a multiple of 16 bytes (D + 1 fp32 values) and the broadcast
     gradient of ``out.sum()`` (stride 0) cannot back the kernels' TMA descriptors: they are
-    copied contiguous first, and the results still match the float64 reference."""
+    copied contiguous first (k and v, read through pointers, are used as they are), and the
+    results still match the float64 reference."""
     B, Hq, Hkv, N, D, b, S = 1, 2, 1, 96, 64, 16, 32
     bases = [torch.randn(B, h, N, D + 1, device=DEVICE, requires_grad=True)
              for h in (Hq, Hkv, Hkv)]
