@@ -10,8 +10,8 @@
   blocks (read through ``key_perm``, no permuted copy) and takes each key block's least original
   position; torch.matmul gives the block scores; one program per query block row then keeps the
   smallest set of top allowed blocks whose softmax mass reaches the threshold (or the top
-  ``budget`` blocks), found by bisection on the cut-off value instead of a sort, plus the sink
-  and the reachable diagonal-segment blocks.
+  ``budget`` blocks), found by an exact 32-step bisection over the cut-off value's bits instead
+  of a sort, plus the sink and the reachable diagonal-segment blocks.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import triton
 import triton.language as tl
 
 from .plan import identity_permutation
-from .triton_attention import LOG2E, dot_settings
+from .triton_attention import LOG2E, KernelConfig, dot_settings, row_warps
 
-_BISECT_STEPS = 40
-_BLOCK_R, _BLOCK_N = 64, 128  # importance tiles: query rows x keys
+# Importance passes, tiles (block_m = query rows, block_n = keys), warps and stages tuned on an
+# H200 at N=64K, D=128, bf16 (docs/benchmarks.md, attempt 17).
+_LSE_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+_SUM_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
 # Split-K of the importance row pass: chunks of at least _MIN_CHUNK keys, up to about two
 # waves of programs on a 132-SM GPU.
 _MIN_CHUNK = 1024
@@ -163,26 +165,28 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, n_keys: int, n_rows: int, s
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     R = Hq // Hkv * n_rows
-    row_tiles = triton.cdiv(R, _BLOCK_R)
+    lse_cfg, sum_cfg = _LSE_CONFIG, _SUM_CONFIG
+    row_tiles = triton.cdiv(R, lse_cfg.block_m)
     splits = max(1, min(triton.cdiv(n_keys, _MIN_CHUNK),
                         triton.cdiv(_TARGET_PROGRAMS, B * Hkv * row_tiles)))
-    chunk = triton.cdiv(triton.cdiv(n_keys, splits), _BLOCK_N) * _BLOCK_N
+    chunk = triton.cdiv(triton.cdiv(n_keys, splits), lse_cfg.block_n) * lse_cfg.block_n
     splits = triton.cdiv(n_keys, chunk)  # every chunk holds a key
     m_part = torch.empty(B * Hkv, splits, R, device=k.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     imp = torch.empty(B, Hkv, n_keys, device=k.device, dtype=torch.float32)
     dot_f32, precision = dot_settings(k)
     args = (R, n_keys, N, Hq // Hkv, Hkv, n_rows)
-    consts = {"HEAD_DIM": D, "BLOCK_R": _BLOCK_R, "BLOCK_N": _BLOCK_N,
-              "HAS_END": query_end is not None, "DOT_F32": dot_f32, "PRECISION": precision,
-              "num_warps": 8}
+    consts = {"HEAD_DIM": D, "HAS_END": query_end is not None, "DOT_F32": dot_f32,
+              "PRECISION": precision}
     qend = q if query_end is None else query_end
     _importance_lse[(B * Hkv, row_tiles, splits)](
         q, qend, k, m_part, l_part, *args, chunk, scale * LOG2E, *q.stride(), *k.stride(),
-        **consts)
-    _importance_sum[(B * Hkv, triton.cdiv(n_keys, _BLOCK_N))](
+        BLOCK_R=lse_cfg.block_m, BLOCK_N=lse_cfg.block_n, num_warps=lse_cfg.num_warps,
+        num_stages=lse_cfg.num_stages, **consts)
+    _importance_sum[(B * Hkv, triton.cdiv(n_keys, sum_cfg.block_n))](
         q, qend, k, m_part, l_part, imp, *args, splits, scale * LOG2E, *q.stride(), *k.stride(),
-        **consts)
+        BLOCK_R=sum_cfg.block_m, BLOCK_N=sum_cfg.block_n, num_warps=sum_cfg.num_warps,
+        num_stages=sum_cfg.num_stages, **consts)
     return imp
 
 
@@ -251,9 +255,16 @@ def _pool_blocks(Q, K, PERM, PQ, PK, MIN_POS, N, Hq, Hkv, NB, n_q_programs,
 
 
 @triton.jit
+def _ordered_bits(x):
+    """int32 keys that order like the float32 values ``x`` (negative values included)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _select_rows(S, MIN_POS, KEEP, N, G, NB, seg_blocks, scale, threshold, density,
                  SELECT: tl.constexpr, USE_BUDGET: tl.constexpr, SINK: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     """KEEP row of one (b, h, query block i), from its block scores S (unscaled pq . pk)."""
     row = tl.program_id(0)
     i = row % NB
@@ -270,20 +281,20 @@ def _select_rows(S, MIN_POS, KEEP, N, G, NB, seg_blocks, scale, threshold, densi
             if SINK:
                 always += 1
             target = tl.maximum(tl.math.ceil(density * (i + 1).to(tl.float32)) - always, 0.0)
-            lo = tl.where(n_allowed > 0, tl.min(tl.where(ok, s, float("inf")), 0), 0.0)
-            hi = tl.where(n_allowed > 0, tl.max(value, 0), 0.0)
         else:
             m = tl.max(s, 0)
             e = tl.where(ok, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
             value = e / tl.maximum(tl.sum(e, 0), 1e-30)  # rows without candidates: all zero
             target = threshold
-            lo = 0.0
-            hi = tl.max(value, 0)
-        # Largest cut-off c with measure({value >= c}) >= target: mass for thresholds, count
-        # for budgets. lo always satisfies it (every allowed block), hi is the top block.
-        for _ in tl.static_range(STEPS):
-            mid = (lo + hi) * 0.5
-            sel = value >= mid
+        # Largest cut-off key c with measure({key >= c}) >= target (mass for thresholds, count
+        # for budgets), by bisection over the 2^32 int32 keys: exact in 32 steps. The least key
+        # satisfies it unless the allowed blocks fall short of the target: then all are kept.
+        key = _ordered_bits(value)
+        lo = tl.full([], -2**31, tl.int64)
+        hi = tl.full([], 2**31, tl.int64)
+        for _ in tl.static_range(32):
+            mid = lo + (hi - lo) // 2
+            sel = ok & (key >= mid.to(tl.int32))
             if USE_BUDGET:
                 measure = tl.sum(sel.to(tl.float32), 0)
             else:
@@ -291,13 +302,8 @@ def _select_rows(S, MIN_POS, KEEP, N, G, NB, seg_blocks, scale, threshold, densi
             good = measure >= target
             lo = tl.where(good, mid, lo)
             hi = tl.where(good, hi, mid)
-        if USE_BUDGET:
-            top = tl.sum((value >= hi).to(tl.float32), 0) >= target
-        else:
-            top = tl.sum(tl.where(value >= hi, value, 0.0), 0) >= target
-        cut = tl.where(top, hi, lo)
-        cut = tl.where(target > 0, cut, float("inf"))  # a zero budget keeps nothing
-        keep = ok & (value >= cut)
+        keep = ok & (key >= lo.to(tl.int32))
+        keep = tl.where(target > 0, keep, False)  # a zero budget keeps nothing
     else:
         keep = ok
     if SINK:
@@ -325,12 +331,12 @@ def triton_select_blocks(q: torch.Tensor, k: torch.Tensor, key_perm: torch.Tenso
     n_q_programs = B * Hq * nb if select else 0
     _pool_blocks[(n_q_programs + B * Hkv * nb,)](
         q, k, key_perm, pq, pk, min_pos, N, Hq, Hkv, nb, n_q_programs, *q.stride(), *k.stride(),
-        BLOCK_SIZE=block_size, ROWS=min(block_size, 64), HEAD_DIM=D, POOL_K=select)
+        BLOCK_SIZE=block_size, ROWS=min(block_size, 64), HEAD_DIM=D, POOL_K=select, num_warps=2)
     scores = torch.matmul(pq, pk.transpose(-1, -2)) if select else pq  # (B, Hkv, G*nb, nb)
     keep = torch.empty(B, Hq, nb, nb, device=q.device, dtype=torch.int8)
     _select_rows[(B * Hq * nb,)](
         scores, min_pos, keep, N, G, nb, segment_size // block_size, scale, threshold,
         0.0 if density is None else density, SELECT=select, USE_BUDGET=density is not None,
-        SINK=sink, BLOCK_SIZE=block_size, BLOCK=triton.next_power_of_2(nb), STEPS=_BISECT_STEPS,
-        num_warps=4 if nb <= 2048 else 8)
+        SINK=sink, BLOCK_SIZE=block_size, BLOCK=triton.next_power_of_2(nb),
+        num_warps=row_warps(nb))
     return keep.view(torch.bool)

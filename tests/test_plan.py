@@ -192,6 +192,40 @@ def test_triton_segment_sort_is_a_stable_descending_argsort():
     assert torch.equal(perm, torch.cat([order.flatten(1), tail], 1))
 
 
+@pytest.mark.parametrize("use_budget", [True, False])
+def test_triton_selection_is_exact_at_any_score_spacing(use_budget):
+    """The cut-off bisection runs over the values' bits, so blocks whose scores differ by far
+    less than the row's range (negative ones included) rank exactly as in a sort: top-budget
+    blocks, or the smallest top set whose softmax mass reaches the threshold."""
+    from kernels.triton_plan import _select_rows
+    nb, density, threshold = 64, 0.4, 0.5
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    scores = torch.stack([torch.randperm(nb, generator=gen) for _ in range(nb)]).double()
+    scores = (scores - nb / 2) * (1e-9 if use_budget else 1e-6)
+    if use_budget:  # a 2e3 range: 1e-9 steps are far below any fixed fraction of it
+        scores[:, 0] = 1e3
+    else:  # a top block with ~30 % of the mass, the rest in near-equal shares
+        scores[:, 0] = torch.log(0.43 * (torch.arange(nb) - 2).clamp(min=1))
+    scores[:, 1] = -1e3
+    scores = scores.float().to(DEVICE)
+    keep = torch.empty(nb, nb, dtype=torch.int8, device=DEVICE)
+    min_pos = torch.zeros(nb, dtype=torch.int32, device=DEVICE)
+    _select_rows[(nb,)](scores, min_pos, keep, nb, 1, nb, 1, 1.0, threshold, density,
+                        SELECT=True, USE_BUDGET=use_budget, SINK=False, BLOCK_SIZE=1,
+                        BLOCK=nb)
+    for i in range(2, nb):  # row i may pick among key blocks 0 .. i-1 (segments of one block)
+        row = scores[i, :i].double().cpu()
+        order = row.argsort(descending=True)
+        if use_budget:
+            n_keep = max(math.ceil(density * (i + 1)) - 1, 0)
+        else:
+            probs = torch.softmax(row, 0)[order]
+            n_keep = int(((probs.cumsum(0) - probs) < threshold).sum())
+        want = torch.zeros(i, dtype=torch.bool)
+        want[order[:n_keep]] = True
+        assert torch.equal(keep[i, :i].bool().cpu(), want), (i, n_keep)
+
+
 # (B, Hq, Hkv, N, D, b, S, kwargs): G in {1, 4}, N not a multiple of b or S, N <= S, threshold
 # < 1 and = 1, density, no sink, query_end.
 PLAN_CASES = [
