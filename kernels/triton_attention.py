@@ -357,23 +357,21 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_desc, DO_desc, b, h, LSE_ptr, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q_desc, K, V, KPOS, DO_desc, DK, DV, LSE, DELTA,
+def _attn_bwd_dkdv(Q_desc, K, V, KPOS, DO_desc, DK, DV, LSE, DELTA, ORDER,
                    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, full_width, part_width,
-                   qk_scale, sm_scale, N, H, G, NB,
+                   qk_scale, sm_scale, N, H, G, NB, n_tiles,
                    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
-                   PRECISION: tl.constexpr, TILES_FASTEST: tl.constexpr):
+                   PRECISION: tl.constexpr):
     """dK, dV of one tile of permuted key positions of one KV head, summed over its G query
-    heads. K/V are read from, and DK/DV stored to, the original rows ``key_pos`` of the tile."""
+    heads. K/V are read from, and DK/DV stored to, the original rows ``key_pos`` of the tile.
+    Program i computes tile ORDER[i] = (b * Hkv + hk) * n_tiles + key tile."""
     Hkv = H // G
-    if TILES_FASTEST:  # grid (key tiles, Hkv, B): programs in flight share one head's Q, dO
-        start_n = tl.program_id(0) * BLOCK_N
-        pid_bhk = tl.program_id(2) * Hkv + tl.program_id(1)
-    else:  # grid (B * Hkv, key tiles): every head's earliest (heaviest) key tiles first
-        pid_bhk = tl.program_id(0)
-        start_n = tl.program_id(1) * BLOCK_N
+    item = tl.load(ORDER + tl.program_id(0))
+    pid_bhk = item // n_tiles
+    start_n = (item % n_tiles) * BLOCK_N
     b = pid_bhk // Hkv
     hk = pid_bhk % Hkv
     kblk = start_n // BLOCK
@@ -440,6 +438,7 @@ FWD_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 BWD_DQ_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 BWD_DKDV_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
 LOG2E = 1.4426950408889634
+_HEAVY_TILE = 4.0  # dK/dV: key tiles with more than this times the mean work start first
 
 
 def dot_settings(x: torch.Tensor) -> tuple[bool, str]:
@@ -546,21 +545,33 @@ def launch_dkdv(dk, dv, do, q, k, v, lse, delta, key_pos, index: BlockIndex, sca
     Hkv = k.shape[1]
     cfg = cfg.fit(block, q.dtype)
     dot_f32, precision = dot_settings(q)
-    # Launch order. Key tiles fastest share Q/dO in L2 (2-10 % faster on fixed masks at 64K), but
-    # a plan's sink tile computes all G * nb query blocks of its head group, the longest program;
-    # with G > 1, started late (tiles fastest) it ends the kernel late (PBS-plan backward at
-    # 64K/Hkv=8: 17.9 -> 20.4 ms), so with G > 1 every head's earliest tiles run first.
     tiles = triton.cdiv(N, cfg.block_n)
-    tiles_fastest = H == Hkv
-    _attn_bwd_dkdv[(tiles, Hkv, B) if tiles_fastest else (B * Hkv, tiles)](
+    order = dkdv_tile_order(index, Hkv, tiles, block // cfg.block_n)
+    _attn_bwd_dkdv[(order.numel(),)](
         _rows_desc(q, cfg.block_m), k, v, key_pos, _rows_desc(do, cfg.block_m), dk, dv, lse,
-        delta, index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
+        delta, order, index.full_q_cnt, index.full_q_idx, index.part_q_cnt, index.part_q_idx,
         index.full_q_idx.shape[-1], index.part_q_idx.shape[-1],
-        scale * LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1],
+        scale * LOG2E, scale, N, H, H // Hkv, index.full_kv_cnt.shape[-1], tiles,
         *_strides(k, v, dk, dv),
         HEAD_DIM=D, BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=N % block == 0,
-        DOT_F32=dot_f32, PRECISION=precision, TILES_FASTEST=tiles_fastest,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
+def dkdv_tile_order(index: BlockIndex, Hkv: int, tiles: int, tiles_per_block: int) -> torch.Tensor:
+    """Launch order of the dK/dV programs, int32 items (b * Hkv + hk) * tiles + key tile.
+
+    Key tiles fastest, so that the programs in flight share one head's Q and dO in L2 (2-10 %
+    faster than heads fastest on fixed masks at 64K), except that heavy tiles go first: a key
+    tile with more than ``_HEAVY_TILE`` times the mean work (a plan's sink block, the first
+    block of a segment of heavy hitters: picked by most query blocks of all G heads) takes
+    about as long as a whole SM's share of the kernel, and started late it ends the kernel late.
+    """
+    B, H, nb = index.full_q_cnt.shape
+    work = (index.full_q_cnt + index.part_q_cnt).view(B, Hkv, H // Hkv, nb).sum(2)
+    work = work.repeat_interleave(tiles_per_block, -1)[..., :tiles].flatten()
+    light = work <= _HEAVY_TILE * work.float().mean()
+    return torch.argsort(light.to(torch.uint8), stable=True).to(torch.int32)
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):

@@ -249,3 +249,37 @@ def test_triton_inputs_that_cannot_back_a_tma_descriptor():
     for got, want in ((out, ref), *((x.grad[..., :D], y.grad) for x, y in
                                     zip(bases, (q64, k64, v64)))):
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_triton_dkdv_runs_heavy_key_tiles_first_and_stays_exact():
+    """A key tile that every query block computes (the sink) is far above the mean work: the
+    dK/dV launch order starts each head's such tile first, then the other tiles in index order
+    (key tiles fastest); uniform masks keep index order. Gradients still match float64."""
+    from kernels.triton_attention import BlockIndex, dkdv_tile_order
+    B, Hq, Hkv, N, D, b, S = 2, 4, 2, 256, 32, 16, 32
+    nb = N // b
+    blk = torch.arange(nb, device=DEVICE)
+    own = (blk[:, None] // (S // b) == blk[None, :] // (S // b)) & (blk[None, :] <= blk[:, None])
+    mask = (own | (blk[None, :] == 0)).expand(B, Hq, nb, nb).clone()
+    segments = torch.rand(B, Hkv, N // S, S, device=DEVICE).argsort(-1)
+    key_perm = (segments + torch.arange(0, N, S, device=DEVICE)[:, None]).flatten(2)
+    plan = PBSPlan(key_perm, mask, b, S)
+    order = dkdv_tile_order(BlockIndex.from_plan(plan), Hkv, nb, 1).cpu()
+    heavy = torch.arange(B * Hkv) * nb
+    rest = torch.tensor([i for i in range(B * Hkv * nb) if i % nb])
+    assert torch.equal(order, torch.cat([heavy, rest]).int())
+    uniform = (torch.rand(B, Hq, nb, nb, device=DEVICE) < 0.5) | (blk[:, None] == blk[None, :])
+    uniform = PBSPlan(key_perm, uniform & (blk[None, :] <= blk[:, None]), b, S)
+    order = dkdv_tile_order(BlockIndex.from_plan(uniform), Hkv, nb, 1).cpu()
+    assert torch.equal(order, torch.arange(B * Hkv * nb, dtype=torch.int32))
+
+    q, k, v = random_qkv(B, Hq, Hkv, N, D, device=DEVICE)
+    out = block_sparse_attention(q, k, v, plan, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, plan)
+    ref.backward(dout.double())
+    for got, want in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).norm() / want.norm() < 1e-4
