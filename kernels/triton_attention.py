@@ -562,16 +562,17 @@ def dkdv_tile_order(index: BlockIndex, Hkv: int, tiles: int, tiles_per_block: in
     """Launch order of the dK/dV programs, int32 items (b * Hkv + hk) * tiles + key tile.
 
     Key tiles fastest, so that the programs in flight share one head's Q and dO in L2 (2-10 %
-    faster than heads fastest on fixed masks at 64K), except that heavy tiles go first: a key
-    tile with more than ``_HEAVY_TILE`` times the mean work (a plan's sink block, the first
-    block of a segment of heavy hitters: picked by most query blocks of all G heads) takes
-    about as long as a whole SM's share of the kernel, and started late it ends the kernel late.
+    faster than heads fastest on fixed masks at 64K), except that heavy tiles go first, the
+    heaviest first: a key tile with more than ``_HEAVY_TILE`` times the mean work (a plan's sink
+    block, the first block of a segment of heavy hitters: picked by most query blocks of all G
+    heads) takes about as long as a whole SM's share of the kernel, and started late it ends
+    the kernel late. Built on the device without a sync.
     """
     B, H, nb = index.full_q_cnt.shape
     work = (index.full_q_cnt + index.part_q_cnt).view(B, Hkv, H // Hkv, nb).sum(2)
-    work = work.repeat_interleave(tiles_per_block, -1)[..., :tiles].flatten()
-    light = work <= _HEAVY_TILE * work.float().mean()
-    return torch.argsort(light.to(torch.uint8), stable=True).to(torch.int32)
+    work = work[..., None].expand(B, Hkv, nb, tiles_per_block).flatten(2)[..., :tiles].flatten()
+    heavy = work > _HEAVY_TILE * work.float().mean()
+    return torch.argsort(torch.where(heavy, -work, 1), stable=True).to(torch.int32)
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
