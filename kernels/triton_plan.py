@@ -331,7 +331,8 @@ def triton_select_blocks(q: torch.Tensor, k: torch.Tensor, key_perm: torch.Tenso
     n_q_programs = B * Hq * nb if select else 0
     _pool_blocks[(n_q_programs + B * Hkv * nb,)](
         q, k, key_perm, pq, pk, min_pos, N, Hq, Hkv, nb, n_q_programs, *q.stride(), *k.stride(),
-        BLOCK_SIZE=block_size, ROWS=min(block_size, 64), HEAD_DIM=D, POOL_K=select, num_warps=2)
+        BLOCK_SIZE=block_size, ROWS=min(block_size, 64), HEAD_DIM=D, POOL_K=select,
+        num_warps=2)  # memory-bound: 30 % faster than on 4 warps at 64K (attempt 17)
     scores = torch.matmul(pq, pk.transpose(-1, -2)) if select else pq  # (B, Hkv, G*nb, nb)
     keep = torch.empty(B, Hq, nb, nb, device=q.device, dtype=torch.int8)
     _select_rows[(B * Hq * nb,)](
