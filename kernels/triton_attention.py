@@ -83,7 +83,7 @@ def _compact(mask: torch.Tensor, seg_blocks: int) -> tuple[torch.Tensor, ...]:
 def row_warps(n: int) -> int:
     """Warps for a program that reduces or scans one row of ``n`` elements: one per 1024, so
     that up to 128K tokens (nb = 1024 blocks) the reductions stay inside one warp's shuffles.
-    On an H200 at nb = 512, 4 warps made the selection 3x slower than 1 and 2 warps 1.5x; at
+    On an H200 at nb = 512, 4 warps made the selection 2.5x slower than 1 and 2 warps 1.5x; at
     nb = 1024 the compaction on 1 warp was 3 % faster than on 2."""
     return max(1, min(8, n // 1024))
 
