@@ -204,8 +204,11 @@ def test_triton_selection_is_exact_at_any_score_spacing(use_budget):
     scores = (scores - nb / 2) * (1e-9 if use_budget else 1e-6)
     if use_budget:  # a 2e3 range: 1e-9 steps are far below any fixed fraction of it
         scores[:, 0] = 1e3
-    else:  # a top block with ~30 % of the mass, the rest in near-equal shares
-        scores[:, 0] = torch.log(0.43 * (torch.arange(nb) - 2).clamp(min=1))
+    else:  # row i: a top block, then n = i - 2 near-equal blocks of mass m each; the top
+        # block's mass p = 0.5 - 2.5 m puts the threshold mid-way between two prefix sums
+        n = (torch.arange(nb) - 2).clamp(min=1).double()
+        p = (0.5 * n - 2.5) / (n - 2.5)
+        scores[:, 0] = torch.where(n >= 6, torch.log(p / (1 - p) * n), torch.tensor(1e3))
     scores[:, 1] = -1e3
     scores = scores.float().to(DEVICE)
     keep = torch.empty(nb, nb, dtype=torch.int8, device=DEVICE)
