@@ -349,6 +349,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, key_pos, Q_desc, DO_desc, b, h, LSE_ptr, 
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             pT = tl.where(key_pos[:, None] <= offs_m[None, :], pT, 0.0)
+        # dV before dP^T: the other order (dS^T computed under the dV wgmma) spills in the loop
+        # at 255 registers and is slower (docs/benchmarks.md, attempt 19)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
