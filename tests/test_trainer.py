@@ -21,7 +21,11 @@ from kernels import pbs_plan
 from trainer.attention import AttentionConfig, install_attention
 from trainer.flex import flex_plan_attention
 from trainer.config import register_configs
-from trainer.model import CausalLMWithChunkedLoss, ModelConfig, build_model
+from trainer.model import CausalLMWithChunkedLoss, ModelConfig, architecture_config, build_model
+
+
+def _build(mcfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_len: int):
+    return build_model(mcfg, attn, architecture_config(mcfg, vocab_size, max_len))
 
 
 def _compose(overrides: list[str]):
@@ -108,7 +112,7 @@ def test_rope_scaling_override_reaches_the_model():
     config = architecture_config(cfg, vocab_size=50, max_len=1024)
     assert config.rope_parameters["rope_type"] == "yarn"
     assert config.rope_parameters["factor"] == 4.0 and config.max_position_embeddings == 1024
-    assert build_model(cfg, AttentionConfig(), 50, 1024).config.rope_parameters["factor"] == 4.0
+    assert _build(cfg, AttentionConfig(), 50, 1024).config.rope_parameters["factor"] == 4.0
 
 
 # ---------------------------------------------------------------- PBS inside transformers
@@ -120,8 +124,8 @@ def test_pbs_in_llama_matches_sdpa_at_threshold_one(family):
                        num_heads=4, num_kv_heads=2, head_dim=16)
     attn = AttentionConfig(threshold=1.0, block_size=32, segment_size=64, backend="torch")
     torch.manual_seed(0)
-    pbs = build_model(mcfg, attn, vocab_size=50, max_len=256)
-    dense = build_model(mcfg, AttentionConfig(impl="sdpa"), vocab_size=50, max_len=256)
+    pbs = _build(mcfg, attn, 50, 256)
+    dense = _build(mcfg, AttentionConfig(impl="sdpa"), 50, 256)
     dense.load_state_dict(pbs.state_dict())
     tracker = install_attention(pbs, attn)
     ids = torch.randint(0, 50, (2, 256))
@@ -152,13 +156,14 @@ def test_row_lengths_reach_the_pbs_plan(monkeypatch):
     mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16)
     attn = AttentionConfig(block_size=32, segment_size=64, backend="torch")
-    lm = build_model(mcfg, attn, vocab_size=50, max_len=256)
+    lm = _build(mcfg, attn, 50, 256)
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     install_attention(lm, attn)
     model = CausalLMWithChunkedLoss(lm, 1024).train()
     ids = torch.randint(0, 50, (2, 256))
     lengths = torch.tensor([256, 100])
-    model(ids, ids, lengths).backward()
+    loss_sum, _ = model(ids, ids, pbs_query_end=lengths)
+    loss_sum.backward()
     assert len(seen) == 4 and all(torch.equal(x, lengths) for x in seen)  # 2 layers x (fwd, recompute)
 
 
@@ -188,8 +193,8 @@ def test_flex_in_llama_matches_sdpa_and_pbs(threshold, reference):
                            backend="torch")
     ref_attn = dataclasses.replace(attn, impl=reference)
     torch.manual_seed(0)
-    flex = build_model(mcfg, attn, vocab_size=50, max_len=256)
-    ref = build_model(mcfg, ref_attn, vocab_size=50, max_len=256)
+    flex = _build(mcfg, attn, 50, 256)
+    ref = _build(mcfg, ref_attn, 50, 256)
     ref.load_state_dict(flex.state_dict())
     tracker = install_attention(flex, attn)
     install_attention(ref, ref_attn)
@@ -211,8 +216,8 @@ def test_gpu_flex_trains_like_pbs():
     attn = AttentionConfig(impl="flex", threshold=0.5, block_size=64, segment_size=128)
     pbs_attn = dataclasses.replace(attn, impl="pbs")
     torch.manual_seed(0)
-    flex = build_model(mcfg, attn, vocab_size=50, max_len=1024).cuda()
-    pbs = build_model(mcfg, pbs_attn, vocab_size=50, max_len=1024).cuda()
+    flex = _build(mcfg, attn, 50, 1024).cuda()
+    pbs = _build(mcfg, pbs_attn, 50, 1024).cuda()
     pbs.load_state_dict(flex.state_dict())
     tracker = install_attention(flex, attn)
     install_attention(pbs, pbs_attn)
@@ -323,7 +328,7 @@ def test_hf_export_reloads_with_same_logits(finished_run):
                        weights_only=False)["module"]
     mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16)
-    trained = build_model(mcfg, AttentionConfig(impl="sdpa"), len(tokenizer), 256)
+    trained = _build(mcfg, AttentionConfig(impl="sdpa"), len(tokenizer), 256)
     trained.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
     ids = tokenizer("The pass key for Anna is 12345.", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """PBS attention as a ``transformers`` attention implementation, with per-layer density tracking.
 
 ``install_attention(model, cfg)`` switches every decoder layer of a model loaded with
-``attn_implementation="pbs"`` to PBS (layers in ``cfg.dense_layers`` keep SDPA). Each PBS layer
+``attn_implementation="pbs"`` to PBS (layers in ``cfg.dense_layers`` keep SDPA, or, on packed
+rows, attend densely inside each document through the same kernels). Each PBS layer
 plans (permutation + block selection), then attends over the plan with the PBS kernels
 (``impl=pbs``) or FlexAttention (``impl=flex``). Densities and plan times are kept as device
 tensors / CUDA events and reduced once per log step, so the train loop adds no device syncs.
@@ -10,6 +11,7 @@ tensors / CUDA events and reduced once per log step, so the train loop adds no d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ class AttentionConfig:
     FlexAttention) or ``sdpa`` (dense baseline)."""
 
     impl: str = "pbs"  # "pbs" | "flex" | "sdpa"
-    block_size: int = 64
+    block_size: int | None = None  # None: 128 on CUDA (fastest kernels), 64 elsewhere
     segment_size: int = 256
     threshold: float = 0.9
     permute: bool = True
@@ -124,6 +126,7 @@ class _LayerSettings:
     cfg: AttentionConfig
     tracker: DensityTracker
     layer: int
+    dense: bool  # one of attention.dense_layers: SDPA, or dense inside packed documents
 
 
 def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -131,27 +134,33 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                           scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """``transformers`` attention function: (B, Hq, N, D) in, ((B, N, Hq, D), None) out.
 
-    Causal over the whole sequence: transformers passes no mask to a custom implementation, so
-    right padding (labels -100) is fine, left padding or packed documents are not separated.
-    ``pbs_query_end`` (int (B,), from the model's kwargs): real lengths of right-padded rows,
-    so keys are ranked by the last real queries.
+    Causal over the whole row unless the model's kwargs carry documents: transformers passes no
+    mask to a custom implementation. ``pbs_query_end`` (int (B,)): real lengths of right-padded
+    rows, so keys are ranked by the last real queries; with ``pbs_doc_starts`` (int (B, M),
+    packed rows) it is (B, M), the real end of each document, and attention stays inside
+    documents (``kernels.pbs_plan``). Both hold GLOBAL token offsets under sequence parallelism.
     """
     query_end = kwargs.pop("pbs_query_end", None)
+    doc_starts = kwargs.pop("pbs_doc_starts", None)
     settings: _LayerSettings | None = getattr(module, "pbs_settings", None)
-    if settings is None or query.shape[2] != key.shape[2]:
-        # Not installed (dense layer) or incremental decoding: dense causal attention.
+    if (settings is None or query.shape[2] != key.shape[2]
+            or (settings.dense and doc_starts is None)):
+        # Not installed, incremental decoding, or a dense layer: dense causal attention.
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     cfg, tracker = settings.cfg, settings.tracker
+    if settings.dense:  # packed rows: every causal block inside each document, no permutation
+        cfg = dataclasses.replace(cfg, threshold=1.0, permute=False, density=None)
+    documents = {} if doc_starts is None else {"doc_starts": doc_starts}
     with tracker.time_plan(query.device):
         plan = pbs_plan(query, key, cfg.block_size, cfg.segment_size, cfg.threshold, cfg.sink,
                         cfg.permute, density=cfg.density, scale=scaling, query_end=query_end,
-                        backend=cfg.backend)
+                        backend=cfg.backend, **documents)
     if cfg.impl == "flex":
         out = flex_plan_attention(query, key, value, plan, scaling)
     else:
         out = block_sparse_attention(query, key, value, plan, scaling, cfg.backend)
-    if module.training or tracker.capture_plan:
+    if not settings.dense and (module.training or tracker.capture_plan):
         tracker.record(settings.layer, plan)
     return out.transpose(1, 2), None
 
@@ -170,6 +179,9 @@ def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def install_attention(model: torch.nn.Module, cfg: AttentionConfig) -> DensityTracker:
     """Attach PBS settings to every non-dense decoder layer; returns the density tracker."""
+    if cfg.impl != "sdpa" and cfg.block_size is None:
+        raise ValueError("attention.block_size is null: set it (the trainer picks 128 on CUDA "
+                         "and 64 elsewhere before it installs attention)")
     modules = decoder_attention_modules(model)
     num_layers = len(modules)
     dense = {i % num_layers for i in cfg.dense_layers}
@@ -185,7 +197,7 @@ def install_attention(model: torch.nn.Module, cfg: AttentionConfig) -> DensityTr
             raise ValueError(f"attention.image_layer={cfg.image_layer} is not a PBS layer "
                              f"(PBS layers: {pbs_layers})")
     tracker = DensityTracker(pbs_layers, image_layer)
-    for m in modules:
-        if m.layer_idx in pbs_layers:
-            m.pbs_settings = _LayerSettings(cfg, tracker, m.layer_idx)
+    if cfg.impl != "sdpa":
+        for m in modules:
+            m.pbs_settings = _LayerSettings(cfg, tracker, m.layer_idx, m.layer_idx in dense)
     return tracker

@@ -65,6 +65,8 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 1
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    sequence_parallel_size: int = 1  # Ulysses: ranks per sequence (trainer/parallel.py)
+    activation_offload: bool = False  # checkpointed layers' inputs in CPU memory until backward
 
 
 @dataclass

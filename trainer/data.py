@@ -8,6 +8,7 @@ Passkey items also carry ``answer_mask`` (bool, seq_len): the answer digit posit
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import List, Optional
 import torch
 from torch.utils.data import Dataset
 
-IGNORE = -100
+from .packing import IGNORE, Document, PackedDataset, PackedStream
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DataConfig:
     passkey_digits: int = 5
     answer_only_loss: bool = False  # passkey: loss on answer only (else also LM loss on filler)
     min_len: Optional[int] = None  # passkey train items: length log-uniform in [min_len, seq_len]
+    packing: bool = False  # several documents per row at block-aligned starts (trainer/packing.py)
 
 
 # ---------------------------------------------------------------- passkey retrieval
@@ -191,11 +193,12 @@ def _pad(ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> dict[s
 
 
 class TokenChunks(Dataset):
-    """Documents tokenized as [bos] text [eos], concatenated, cut into ``seq_len`` chunks; the
-    last partial chunk is padded (labels -100)."""
+    """Documents concatenated and cut into ``seq_len`` chunks (the padded layout of text: a
+    chunk may hold the end of one document and the start of the next); the last partial chunk
+    is padded (labels -100)."""
 
-    def __init__(self, docs: list[list[int]], seq_len: int, pad_id: int):
-        stream = [t for d in docs for t in d]
+    def __init__(self, docs: list[Document], seq_len: int, pad_id: int):
+        stream = torch.cat([d.ids for d in docs]).tolist()
         self.chunks = [stream[s:s + seq_len] for s in range(0, len(stream), seq_len)]
         self.seq_len, self.pad_id = seq_len, pad_id
 
@@ -207,27 +210,28 @@ class TokenChunks(Dataset):
         return _pad(c, c, self.seq_len, self.pad_id)
 
 
-class ChatDataset(Dataset):
-    """Chat samples via the tokenizer's chat template; loss on assistant tokens only; each
-    sample truncated/padded to ``seq_len``."""
+class PaddedDocuments(Dataset):
+    """One document per row, truncated to ``seq_len`` and right-padded (chat samples)."""
 
-    def __init__(self, samples: list[dict[str, list[int]]], seq_len: int, pad_id: int):
-        self.samples, self.seq_len, self.pad_id = samples, seq_len, pad_id
+    def __init__(self, docs: list[Document], seq_len: int, pad_id: int):
+        self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.docs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s = self.samples[i]
-        ids, mask = s["input_ids"][:self.seq_len], s["assistant_masks"][:self.seq_len]
-        return _pad(ids, [t if m else IGNORE for t, m in zip(ids, mask)], self.seq_len, self.pad_id)
+        d = self.docs[i]
+        return _pad(d.ids[:self.seq_len].tolist(), d.labels[:self.seq_len].tolist(), self.seq_len,
+                    self.pad_id)
 
 
-def _doc_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def _doc_ids(tokenizer, texts: list[str]) -> list[Document]:
+    """[bos] text [eos] per text, every token trained."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [bos + x + eos for x in ids]
+    docs = [torch.tensor(bos + x + eos, dtype=torch.long) for x in ids]
+    return [Document(d, d) for d in docs]
 
 
 def _pad_id(tokenizer) -> int:
@@ -246,9 +250,10 @@ def _check_messages(path: str, lineno: int, msgs) -> None:
                          "{'role': str, 'content': str} objects")
 
 
-def load_jsonl(path: str, tokenizer, seq_len: int) -> Dataset:
-    """``{"text": ...}`` lines -> TokenChunks; ``{"messages": [...]}`` lines -> ChatDataset.
-    The first line decides the format; every line must then have that key."""
+def jsonl_documents(path: str, tokenizer) -> tuple[str, list[Document]]:
+    """(format, documents) of a JSONL file: ``{"text": ...}`` lines ("text": every token
+    trained) or ``{"messages": [...]}`` lines ("chat": loss on assistant tokens only). The first
+    line decides the format; every line must then have that key."""
     records = _read_jsonl(path)
     key = "messages" if "messages" in records[0][1] else "text"
     for lineno, rec in records:
@@ -261,26 +266,26 @@ def load_jsonl(path: str, tokenizer, seq_len: int) -> Dataset:
         if key == "messages":
             _check_messages(path, lineno, rec["messages"])
     if key == "text":
-        return TokenChunks(_doc_ids(tokenizer, [r["text"] for _, r in records]), seq_len,
-                           _pad_id(tokenizer))
+        return "text", _doc_ids(tokenizer, [r["text"] for _, r in records])
     if "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation", "{% generation"):
         raise ValueError(f"{path}: chat data needs a tokenizer chat template with "
                          "{% generation %} markers (assistant-only loss)")
-    samples = []
+    docs = []
     for lineno, rec in records:
         try:
             out = tokenizer.apply_chat_template(rec["messages"], tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
         except Exception as e:  # template errors (e.g. unknown role) -> name the line
             raise ValueError(f"{path}:{lineno}: chat template failed: {e}") from e
-        samples.append({"input_ids": list(out["input_ids"]),
-                        "assistant_masks": list(out["assistant_masks"])})
-    return ChatDataset(samples, seq_len, _pad_id(tokenizer))
+        ids = torch.tensor(list(out["input_ids"]), dtype=torch.long)
+        mask = torch.tensor(list(out["assistant_masks"]), dtype=torch.bool)
+        docs.append(Document(ids, ids.masked_fill(~mask, IGNORE)))
+    return "chat", docs
 
 
-def load_hf_disk(path: str, tokenizer, seq_len: int) -> Dataset:
-    """A ``datasets.save_to_disk`` directory (split "train" if a DatasetDict) with a "text"
-    column, concatenated and chunked like JSONL text."""
+def hf_disk_documents(path: str, tokenizer) -> list[Document]:
+    """The "text" column of a ``datasets.save_to_disk`` directory (split "train" if a
+    DatasetDict), one document per row, every token trained."""
     try:
         import datasets
     except ImportError:
@@ -296,24 +301,37 @@ def load_hf_disk(path: str, tokenizer, seq_len: int) -> Dataset:
         raise ValueError(f"{path}: no 'text' column (columns: {ds.column_names})")
     if len(ds) == 0:
         raise ValueError(f"{path}: empty dataset")
-    return TokenChunks(_doc_ids(tokenizer, list(ds["text"])), seq_len, _pad_id(tokenizer))
+    return _doc_ids(tokenizer, list(ds["text"]))
 
 
 # ---------------------------------------------------------------- public interface
 
 
-def build_train_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
-    """Training set selected by ``cfg.name``; deterministic (item i depends on seed and i)."""
+def build_train_dataset(cfg: DataConfig, tokenizer, seed: int, block_size: int = 64) -> Dataset:
+    """Training rows selected by ``cfg.name``; deterministic (row i depends on seed and i).
+
+    Padded (default): passkey items and chat samples one per row, right-padded; text documents
+    concatenated and chunked. ``cfg.packing``: documents first-fit packed at multiples of
+    ``block_size`` (trainer/packing.py)."""
     if cfg.name == "passkey":
-        return PasskeyDataset(tokenizer, cfg.seq_len, seed, num_keys=cfg.num_keys,
-                              digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,
-                              min_len=cfg.min_len)
-    if cfg.name in ("jsonl", "hf_disk"):
-        if not cfg.path:
-            raise ValueError(f"data.name={cfg.name} needs data.path")
-        load = load_jsonl if cfg.name == "jsonl" else load_hf_disk
-        return load(cfg.path, tokenizer, cfg.seq_len)
-    raise ValueError(f"unknown data.name={cfg.name!r} (expected passkey, jsonl or hf_disk)")
+        items = PasskeyDataset(tokenizer, cfg.seq_len, seed, num_keys=cfg.num_keys,
+                               digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,
+                               min_len=cfg.min_len)
+        if not cfg.packing:
+            return items
+        per_row = 2 * math.ceil(cfg.seq_len / (cfg.min_len or cfg.seq_len)) + 1
+        return PackedStream(items, cfg.seq_len, block_size, _pad_id(tokenizer), per_row)
+    if cfg.name not in ("jsonl", "hf_disk"):
+        raise ValueError(f"unknown data.name={cfg.name!r} (expected passkey, jsonl or hf_disk)")
+    if not cfg.path:
+        raise ValueError(f"data.name={cfg.name} needs data.path")
+    kind, docs = (jsonl_documents(cfg.path, tokenizer) if cfg.name == "jsonl"
+                  else ("text", hf_disk_documents(cfg.path, tokenizer)))
+    pad = _pad_id(tokenizer)
+    if cfg.packing:
+        return PackedDataset(docs, cfg.seq_len, block_size, pad, seed)
+    return TokenChunks(docs, cfg.seq_len, pad) if kind == "text" else PaddedDocuments(
+        docs, cfg.seq_len, pad)
 
 
 def build_eval_dataset(cfg: DataConfig, tokenizer, seed: int, seq_len: int) -> Optional[Dataset]:

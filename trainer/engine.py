@@ -97,8 +97,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
-    """``deepspeed.initialize`` with torch AdamW (or DeepSpeed's Adam) and warmup + cosine."""
+def build_engine(model: torch.nn.Module, cfg: DictConfig, ds_config: dict, mpu=None):
+    """``deepspeed.initialize`` with torch AdamW (or DeepSpeed's Adam) and warmup + cosine;
+    ``mpu``: the sequence-parallel groups (trainer/parallel.py), None without."""
     optim, tr = cfg.optim, cfg.trainer
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -115,7 +116,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=None if optimizer else groups,
-        lr_scheduler=schedule, config=ds_config)
+        lr_scheduler=schedule, config=ds_config, mpu=mpu)
     return engine, scheduler
 
 
@@ -160,12 +161,18 @@ def find_resume_checkpoint(resume: str, output_dir: str) -> str | None:
     return resume
 
 
-def load_checkpoint(engine, ckpt_dir: str) -> dict:
-    """Load model, optimizer, scheduler and return the client state of ``latest``."""
+def load_checkpoint(engine, ckpt_dir: str, sp_size: int) -> dict:
+    """Load model, optimizer, scheduler and return the client state of ``latest``. A checkpoint
+    written under another sequence-parallel size is refused: the data order (rows per
+    data-parallel rank) would change, so the run would not continue the same curve."""
     path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"failed to load a checkpoint from {ckpt_dir}")
+    saved = client_state.get("sequence_parallel_size", 1)
+    if saved != sp_size:
+        raise ValueError(f"{path} was saved with trainer.sequence_parallel_size={saved}; resume "
+                         f"it with the same size (this run: {sp_size})")
     return client_state
 
 

@@ -51,6 +51,7 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2 has q/k/v biases (set by its config class)
     rope_scaling: RopeScalingConfig = field(default_factory=lambda: RopeScalingConfig())
     loss_chunk_tokens: int = 4096  # tokens per chunk of the LM-head + cross-entropy
+    tiled_mlp: bool = False  # DeepSpeed's TiledMLP: decoder MLPs over shards of the sequence
 
 
 def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> PretrainedConfig:
@@ -81,17 +82,20 @@ def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> Pret
         base = getattr(config, "rope_parameters", None) or {}
         scaling.setdefault("rope_theta", base.get("rope_theta", cfg.rope_theta))
         config.rope_parameters = scaling
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model vocab ({config.vocab_size}) is smaller than the tokenizer's "
+                         f"({vocab_size}); use the checkpoint's tokenizer")
     config.use_cache = False
     return config
 
 
-def build_model(cfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_len: int,
+def build_model(cfg: ModelConfig, attn: AttentionConfig, config: PretrainedConfig,
                 dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Causal LM from ``cfg`` with the attention implementation of ``attn`` (PBS, Flex or SDPA).
+    """Causal LM of ``config`` (``architecture_config``; the weights of ``cfg.path`` if set)
+    with the attention implementation of ``attn`` (PBS, Flex or SDPA).
 
     Call inside ``HfDeepSpeedConfig`` scope for ZeRO-3 so weights are partitioned at load.
     """
-    config = architecture_config(cfg, vocab_size, max_len)
     if attn.impl not in ("pbs", "flex", "sdpa"):
         raise ValueError(f"attention.impl must be 'pbs', 'flex' or 'sdpa', got {attn.impl!r}")
     impl = "sdpa" if attn.impl == "sdpa" else "pbs"  # flex runs in the "pbs" attention function
@@ -101,47 +105,47 @@ def build_model(cfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_le
                                                      local_files_only=True)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl)
-    if model.get_input_embeddings().num_embeddings < vocab_size:
-        raise ValueError(f"model vocab ({model.get_input_embeddings().num_embeddings}) is smaller "
-                         f"than the tokenizer's ({vocab_size}); use the checkpoint's tokenizer")
     return model
 
 
 class CausalLMWithChunkedLoss(torch.nn.Module):
-    """Wraps a HF causal LM: forward(input_ids, labels) -> mean token loss, never materialising
-    the full (N, vocab) logits (LM head + cross-entropy per chunk, recomputed in backward)."""
+    """Wraps a HF causal LM: forward -> (summed token loss, labelled tokens) of this rank's
+    part of the batch, never materialising the full (N, vocab) logits (LM head + cross-entropy
+    per chunk, recomputed in backward). The caller divides (over the sequence-parallel group
+    when the sequence is sharded)."""
 
     def __init__(self, lm: PreTrainedModel, chunk_tokens: int):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return self.loss_from_hidden(self.hidden_states(input_ids, lengths), labels)
+    def forward(self, input_ids: torch.Tensor, shift_labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None,
+                **attn_kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.hidden_states(input_ids, position_ids, **attn_kwargs)
+        return self.loss_sum(hidden, shift_labels), (shift_labels != -100).sum()
 
-    def hidden_states(self, input_ids: torch.Tensor,
-                      lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Last hidden states; ``lengths`` (B,) real tokens per right-padded row reach the PBS
-        layers (as the ``pbs_query_end`` attention kwarg) for their key ranking."""
-        extra = {} if lengths is None else {"pbs_query_end": lengths}
-        return self.lm.get_decoder()(input_ids=input_ids, use_cache=False,
-                                     **extra).last_hidden_state
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      **attn_kwargs: torch.Tensor) -> torch.Tensor:
+        """Last hidden states. ``position_ids`` restart at packed documents (RoPE and the SDPA
+        document mask follow them); ``attn_kwargs`` reach the PBS layers (``pbs_query_end``,
+        ``pbs_doc_starts``: trainer/batching.py ``attention_kwargs``)."""
+        return self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                     use_cache=False, **attn_kwargs).last_hidden_state
 
-    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over labels != -100 (HF convention: position t predicts t+1)."""
-        hidden, targets = hidden[:, :-1], labels[:, 1:]
-        n_valid = (targets != -100).sum().clamp(min=1)
+    def loss_sum(self, hidden: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the positions whose target (``shift_labels``, aligned with
+        ``hidden``) is not -100; float32."""
         head = self.lm.get_output_embeddings()
         chunk = max(1, self.chunk_tokens // hidden.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, hidden.shape[1], chunk):
-            h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+            h, t = hidden[:, s:s + chunk], shift_labels[:, s:s + chunk]
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False)
             else:
                 total = total + _chunk_loss_sum(head, h, t)
-        return total / n_valid
+        return total
 
 
 def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor,

@@ -21,15 +21,17 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(config, seq_len: int, densities: dict[int, float]) -> float:
+def flops_per_token(config, context: float, densities: dict[int, float]) -> float:
     """Training FLOPs per token (forward + backward, no recompute): 6 x matmul params plus
-    causal attention over the computed blocks (``densities`` per PBS layer, 1.0 elsewhere)."""
+    causal attention over the computed blocks (``densities`` per PBS layer, 1.0 elsewhere);
+    ``context``: the sequence (document) length that attention is causal over, or the mean
+    of L^2 / L over documents of lengths L."""
     h, layers = config.hidden_size, config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     per_layer = h * (2 * q + 2 * kv) + 3 * h * config.intermediate_size
     matmul = layers * per_layer + h * config.vocab_size
-    attn_dense = 2 * 2 * seq_len * q / 2  # QK^T and PV, half the pairs are causal
+    attn_dense = 2 * 2 * context * q / 2  # QK^T and PV, half the pairs are causal
     attn = sum(attn_dense * densities.get(i, 1.0) for i in range(layers))
     return 6 * matmul + 3 * attn
 

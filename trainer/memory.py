@@ -1,0 +1,88 @@
+"""Memory for the longest contexts: DeepSpeed's activation-checkpoint offload and tiled MLP,
+and a CUDA memory snapshot of one step for analysis."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import types
+
+import torch
+
+log = logging.getLogger("trainer")
+
+
+def activation_offload(enabled: bool, gradient_checkpointing: bool,
+                       device: torch.device) -> contextlib.AbstractContextManager:
+    """Context for forward + backward that moves each checkpointed decoder layer's input to
+    pinned CPU memory until the backward needs it (DeepSpeed's
+    ``get_checkpoint_hidden_states_offloading_ctx_manager``); without ``enabled``, nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if not gradient_checkpointing:
+        raise ValueError("trainer.activation_offload offloads the inputs of checkpointed layers: "
+                         "it needs trainer.gradient_checkpointing=true")
+    from deepspeed.runtime.activation_checkpointing.offload_activations import (
+        get_checkpoint_hidden_states_offloading_ctx_manager)
+    cuda = device.type == "cuda"
+    if not cuda:
+        log.warning("trainer.activation_offload on %s: activations are in host memory already, "
+                    "nothing is moved", device.type)
+    return get_checkpoint_hidden_states_offloading_ctx_manager(use_pin_memory=cuda,
+                                                               use_streams=cuda)
+
+
+def tile_mlps(model: torch.nn.Module) -> int:
+    """Run every decoder MLP (gate/up/down projections) through DeepSpeed's ``TiledMLP``: the
+    sequence in shards of ``hidden_size`` tokens, recomputed in backward, so the (N, intermediate)
+    activations of one layer never exist at once. Returns the number of MLPs tiled."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def mlp_body(mlp, x):
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    def tiled_forward(mlp, x):
+        shards = math.ceil(x.shape[-2] / x.shape[-1])  # equal on every rank: same lengths
+        params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+        return TiledMLP.apply(mlp_body, mlp, x, shards, params)
+
+    mlps = [m for m in model.modules()
+            if all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+    if not mlps:
+        raise ValueError(f"model.tiled_mlp: {type(model).__name__} has no gate/up/down MLPs")
+    for m in mlps:
+        m.forward = types.MethodType(tiled_forward, m)
+    return len(mlps)
+
+
+class MemorySnapshot:
+    """Records every CUDA allocation during step ``step`` (rank 0) and dumps the history to
+    ``<run_dir>/memory_snapshot_step_NNNNN.pickle`` (pytorch.org/memory_viz or
+    ``python -m bench.memory_peak``). ``step`` 0: off."""
+
+    def __init__(self, step: int, device: torch.device, rank: int, run_dir: str):
+        if step < 0:
+            raise ValueError(f"logging.memory_snapshot_step must be >= 0 (0: off), got {step}")
+        self.step = step if rank == 0 else 0
+        self.path = os.path.join(run_dir, f"memory_snapshot_step_{step:05d}.pickle")
+        if self.step and device.type != "cuda":
+            log.warning("logging.memory_snapshot_step=%d ignored: memory snapshots need CUDA "
+                        "(running on %s)", step, device.type)
+            self.step = 0
+
+    def before_step(self, step: int) -> None:
+        if step == self.step:
+            # Stacks of allocations only, Python frames only (what bench.memory_peak reads):
+            # recording the stacks of frees made the backward fail on an H200 (torch 2.11,
+            # SystemError from run_backward).
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="alloc",
+                                                     stacks="python")
+
+    def after_step(self, step: int) -> None:
+        if step == self.step:
+            torch.cuda.synchronize()
+            torch.cuda.memory._dump_snapshot(self.path)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            log.info("memory snapshot of step %d: %s", step, self.path)
