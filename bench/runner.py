@@ -44,16 +44,18 @@ class TrainerRun:
 
 
 def run_trainer(overrides: list[str], output_dir: str, run_id: str,
-                timeout_s: float, gpu: str | None = None) -> TrainerRun:
+                timeout_s: float, gpu: str | None = None, nproc: int = 1) -> TrainerRun:
     """``python -m trainer.train <overrides>`` into ``output_dir/run_id`` (on GPU ``gpu`` if
-    given); never raises."""
+    given; ``nproc`` > 1: that many ranks through the deepspeed launcher); never raises."""
     run_dir = Path(output_dir) / run_id
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     env = {**os.environ, "PBS_RUN_ID": run_id}  # the trainer picks a free port by itself
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    cmd = [sys.executable, "-m", "trainer.train", f"trainer.output_dir={output_dir}", *QUIET,
-           *overrides]
+    launcher = [sys.executable, "-m"] if nproc == 1 else [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+        "--master_port", str(29500 + os.getpid() % 1000), "--no_local_rank", "--module"]
+    cmd = [*launcher, "trainer.train", f"trainer.output_dir={output_dir}", *QUIET, *overrides]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     try:

@@ -11,6 +11,9 @@ export PBS_RUN_ID=${PBS_RUN_ID:-$(date +%Y%m%d-%H%M%S)}
 # deepspeed forwards only listed variables to remote nodes: make sure the run id travels.
 grep -qs '^PBS_RUN_ID=' .deepspeed_env && sed -i "s/^PBS_RUN_ID=.*/PBS_RUN_ID=$PBS_RUN_ID/" .deepspeed_env \
     || echo "PBS_RUN_ID=$PBS_RUN_ID" >> .deepspeed_env
+# Long contexts fragment the CUDA caching allocator: let segments grow (forwarded like the id).
+grep -qs '^PYTORCH_CUDA_ALLOC_CONF=' .deepspeed_env \
+    || echo "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" >> .deepspeed_env
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
     --no_local_rank --module trainer.train "$@"

@@ -88,3 +88,21 @@ def test_memory_peak_replays_allocations_and_names_their_sites(tmp_path):
     (tmp_path / "bad.pickle").write_bytes(b"not a pickle")
     with pytest.raises(SystemExit, match="not a torch.cuda.memory snapshot"):
         memory_peak.main([str(tmp_path / "bad.pickle")])
+
+
+def test_long_context_table(tmp_path):
+    """The max-context driver: lengths in order, a variant with every memory switch, peak memory
+    and real tokens/s per run, the longest completed length per variant."""
+    from bench import long_context
+
+    out = long_context.main([
+        "--model", "tiny", "--lengths", "256", "512", "--variants", "pbs_d0.2", "pbs_d0.2_all",
+        "--steps", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "lc.json"),
+        "--extra", "model.num_layers=1", "attention.block_size=32", "attention.segment_size=64"])
+    assert [(r["variant"], r["seq_len"], r["status"]) for r in out["rows"]] == [
+        ("pbs_d0.2", 256, "ok"), ("pbs_d0.2_all", 256, "ok"), ("pbs_d0.2", 512, "ok"),
+        ("pbs_d0.2_all", 512, "ok")]
+    assert all(r["peak_mem_gb"] > 0 and r["tokens_per_s"] > 0 for r in out["rows"])
+    assert out["longest_ok"] == {"pbs_d0.2": 512, "pbs_d0.2_all": 512}
+    with pytest.raises(ValueError, match="unknown variant"):
+        long_context.parse_args(["--variants", "pbs_d0.2_fast"])
