@@ -45,8 +45,8 @@ def tile_mlps(model: torch.nn.Module) -> int:
 
     def tiled_forward(mlp, x):
         shards = math.ceil(x.shape[-2] / x.shape[-1])  # equal on every rank: same lengths
-        params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-        return TiledMLP.apply(mlp_body, mlp, x, shards, params)
+        # every parameter (adapters too): ZeRO adds each one's gradient after the last shard
+        return TiledMLP.apply(mlp_body, mlp, x, shards, list(mlp.parameters()))
 
     mlps = [m for m in model.modules()
             if all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
