@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.runner import environment, markdown_table, median_of, run_trainer, save_json
+from bench.runner import environment, markdown_table, median_of, run_trainer, write_results
 
 ATTENTION = {
     "dense": ["attention=sdpa", "attention.sdpa_backend=cudnn"],
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   r.get("tokens_per_s"), r.get("step_time_s"), r.get("density")]
                                  for r in data["rows"]])
     md += "\n\nlongest completed: " + ", ".join(f"{v} {n}" for v, n in longest.items())
-    save_json(args.out, data)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    print(f"\n{data['device']} | commit {data['commit']} | {args.nproc} GPU(s), sp {args.sp}\n{md}")
+    write_results(args.out, data, md, f" | {args.nproc} GPU(s), sp {args.sp}")
     return data
 
 

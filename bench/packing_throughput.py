@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from bench.runner import environment, markdown_table, median_of, run_trainer, save_json
+from bench.runner import environment, markdown_table, median_of, run_trainer, write_results
 
 PBS = ["attention=pbs", "attention.threshold=0.9"]
 VARIANTS = {
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         print({k: data["rows"][-1].get(k) for k in ("variant", "status", "tokens_per_s",
                                                     "peak_mem_gb")}, flush=True)
     md = table(data["rows"])
-    save_json(args.out, data)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    print(f"\n{data['device']} | commit {data['commit']}\n{md}")
+    write_results(args.out, data, md)
     return data
 
 

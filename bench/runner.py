@@ -140,6 +140,13 @@ def save_json(path: Path, data: dict) -> None:
     print(f"wrote {path}", flush=True)
 
 
+def write_results(out: Path, data: dict, table: str, note: str = "") -> None:
+    """JSON to ``out``, the markdown table beside it (``.md``), and the table on stdout."""
+    save_json(out, data)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"\n{data['device']} | commit {data['commit']}{note}\n{table}", flush=True)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     fmt = [[f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in r]
            for r in rows]

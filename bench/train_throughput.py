@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.runner import (environment, load_json, markdown_table, median_of, run_trainer,
-                          save_json)
+                          write_results)
 
 VARIANTS = {
     "dense": ["attention=sdpa"],
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_bounds(data, args)
     md = table(data)
     data["notes"] = stop_notes(data["rows"])
-    save_json(args.out, data)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    print(f"\n{data['device']} | commit {data['commit']}\n{md}")
+    write_results(args.out, data, md)
     return data
 
 
