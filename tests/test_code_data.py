@@ -9,6 +9,7 @@ import importlib
 import json
 import keyword
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -258,3 +259,28 @@ def test_tiny_job_on_code(tmp_path):
     assert final["eval/recall_tokens/len_00256"] > 0 and final["eval/loss"] < rows[0]["eval/loss"]
     versions = wandb_config(tmp_path)["data"]["package_versions"]
     assert set(versions) == set(DEFAULT_PACKAGES) and versions["json"].startswith("python 3.")
+
+
+@pytest.mark.slow
+def test_sequence_parallel_eval_equals_one_rank(tmp_path):
+    """Held-out loss by position and long-range recall at SP=2 (each rank scores half of every
+    row) equal the single-rank values."""
+    args = ["data=code", f"data.packages=[{','.join(STDLIB)}]", "data.eval_fraction=0.2",
+            *TINY, "data.eval_samples=6", "data.recall_distance=64", "data.loss_bucket_tokens=32",
+            "attention.threshold=0.7", "deepspeed=zero1", "trainer.max_steps=1",
+            "trainer.micro_batch_size=2", "trainer.export_hf=false", "trainer.save_final=false",
+            "logging.wandb.mode=disabled"]
+    check(run_job([*args, f"trainer.output_dir={tmp_path}/one"], tmp_path))
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", "29647", "--no_local_rank", "--module"]
+    check(run_job([*args, f"trainer.output_dir={tmp_path}/two",
+                   "trainer.sequence_parallel_size=2"], tmp_path, launcher=launcher, timeout=400))
+    (one,), (two,) = run_dirs(tmp_path / "one"), run_dirs(tmp_path / "two")
+    evals = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"eval/loss"' in line] for run in (one, two)]
+    for ref, got in zip(*evals):  # before and after the step
+        keys = {k for k in ref if k.startswith(("eval/loss_by_pos/", "eval/recall"))}
+        assert len(keys) >= 6 and keys == {k for k in got if k.startswith(
+            ("eval/loss_by_pos/", "eval/recall"))}
+        for key in keys | {"eval/loss"}:
+            assert got[key] == pytest.approx(ref[key], abs=1e-5), key
