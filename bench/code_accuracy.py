@@ -15,7 +15,7 @@ Stage C: continue training the export at ``--len-c``: dense, PBS at ``--threshol
 
     python3 -m bench.code_accuracy --stage A
     python3 -m bench.code_accuracy --stage B        # reads stage A's best export (or --model-path)
-    python3 -m bench.code_accuracy --stage C --seeds 0 && python3 -m bench.code_accuracy --stage C --seeds 1
+    python3 -m bench.code_accuracy --stage C --seeds 0     # then --seeds 1 (rows merge)
 
 ``--out`` holds one key per stage; B rows merge by (name, length) and C rows by (name, seed),
 so a stage can be split over several calls. Each call writes ``<out stem>_<stage>.md`` and the

@@ -97,7 +97,8 @@ def test_code_accuracy_stages(tmp_path):
     from bench import code_accuracy
 
     out, fig = tmp_path / "results" / "code.json", tmp_path / "code.png"
-    common = ["--packages", "json", "email", "--eval-fraction", "0.2", "--layers", "1", "--hidden", "64", "--heads", "1", "1",
+    common = ["--packages", "json", "email", "--eval-fraction", "0.2", "--layers", "1",
+              "--hidden", "64", "--heads", "1", "1",
               "--len-a", "256", "--steps-a", "3", "--batch-a", "2", "--eval-samples", "2",
               "--lens-b", "512", "--thresholds", "0.9", "--len-c", "512", "--steps-c", "2",
               "--batch-c", "1", "--recall-distance", "128", "--bucket-tokens", "64", "--jobs", "2",

@@ -18,7 +18,7 @@ import torch
 from trainer.batching import collate
 from tests.trainer_utils import TINY, check, run_dirs, run_job, wandb_config, wandb_history_keys
 from trainer.code_corpus import (DEFAULT_PACKAGES, CodeCorpus, cut_points, document_lengths,
-                                 identifier_spans, recall_mask)
+                                 identifier_spans, recall_mask, split_subtrees)
 from trainer.data import DataConfig, build_eval_dataset, build_train_dataset
 from trainer.lm_metrics import lm_metrics, position_buckets, token_loss_stats
 from trainer.packing import IGNORE
@@ -82,7 +82,7 @@ def test_corpus_is_deterministic_and_split_by_subtree(tok):
     assert train | held == set().union(*files.values())
     chars = {k: sum(len(t) for _, t in v) for k, v in a.subtrees.items()}
     held_chars = sum(chars[k] for k in a.eval_subtrees)
-    assert held_chars >= 0.2 * sum(chars.values()) > held_chars - chars[a.eval_subtrees[-1]]
+    assert abs(held_chars - 0.2 * sum(chars.values())) <= max(chars.values()) / 2
     assert all(v.startswith("python ") for v in a.versions.values())
 
     da, db = a.documents(1024, 4096), b.documents(1024, 4096)
@@ -236,10 +236,16 @@ def test_empty_package_and_too_long_eval(tok, fakepkg):
         build_eval_dataset(cfg, tok, 0, seq_len=4096)
 
 
-def test_split_order_is_the_hash_of_the_subtree_path(tok, fakepkg):
-    corpus = CodeCorpus(["fakepkg"], tok, eval_fraction=0.01)
-    first = min(["fakepkg", "fakepkg/sub"], key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-    assert corpus.eval_subtrees == [first]
+def test_split_by_hash_order_towards_the_held_out_share():
+    """In hash order a subtree is held out if at least half of it fits under the target; one
+    always trains; the first one is held out when none fits."""
+    order = sorted("abcde", key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    assert order == ["d", "c", "b", "e", "a"]
+    sizes = {"d": 100, "c": 10, "b": 30, "e": 20, "a": 40}  # 200 characters
+    assert split_subtrees(sizes, 0.2) == (["a", "d", "e"], ["c", "b"])  # d: 50 > 40; 10 + 30
+    assert split_subtrees(sizes, 0.3) == (["a", "b", "c", "e"], ["d"])  # 50 <= 60, then full
+    assert split_subtrees(sizes, 0.01) == (["a", "b", "c", "e"], ["d"])  # none fits: the first
+    assert split_subtrees(sizes, 0.99) == (["a"], ["d", "c", "b", "e"])  # one always trains
 
 
 def test_tiny_job_on_code(tmp_path):

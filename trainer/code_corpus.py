@@ -6,7 +6,7 @@ of its own). A subtree's text is its files in sorted name order, each after a he
 ``# file: <path>``, normalized to printable ASCII and newline (tabs expanded to 8 columns, any
 other character -> ``?``), so the built-in character tokenizer covers every character and
 decoding gives the text back. Subtrees go to the train or the held-out split whole, by a hash
-of their path, so no file is in both.
+of their path (``split_subtrees``), so no file is in both.
 
 - Training documents are cut from each train subtree's token stream: a document ends at the
   first file end at or after ``min_len`` tokens, or after ``max_len`` tokens inside a long file
@@ -120,9 +120,10 @@ def read_subtrees(packages: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
 
 
 def split_subtrees(sizes: dict[str, int], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, held-out) subtree paths: taken in the order of the SHA-256 of their paths,
-    subtrees are held out until the held-out ones reach ``eval_fraction`` of the characters
-    (the last one always trains). Train in sorted order, held-out in hash order."""
+    """(train, held-out) subtree paths. In the order of the SHA-256 of their paths, a subtree is
+    held out when that brings the held-out characters closer to ``eval_fraction`` of all (half
+    of it or more fits under the target), leaving at least one subtree to train; the first
+    subtree in that order is held out if none is. Train in sorted order, held-out in hash order."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"data.eval_fraction must be in (0, 1), got {eval_fraction}")
     if len(sizes) < 2:
@@ -130,11 +131,11 @@ def split_subtrees(sizes: dict[str, int], eval_fraction: float) -> tuple[list[st
                          "held-out split by subtree needs at least 2: add packages")
     order = sorted(sizes, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
     target, held, chars = eval_fraction * sum(sizes.values()), [], 0
-    for key in order[:-1]:
-        if chars >= target:
-            break
-        held.append(key)
-        chars += sizes[key]
+    for key in order:
+        if chars + sizes[key] / 2 <= target and len(held) < len(order) - 1:
+            held.append(key)
+            chars += sizes[key]
+    held = held or order[:1]
     return sorted(set(sizes) - set(held)), held
 
 
