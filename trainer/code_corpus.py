@@ -31,7 +31,7 @@ import platform
 import re
 import sys
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -188,8 +188,6 @@ class CodeCorpus:
         if not packages:
             raise ValueError("data.packages is empty: name at least one installed package")
         self.tokenizer = tokenizer
-        self.packages = tuple(packages)
-        self.eval_fraction = eval_fraction
         self.subtrees = read_subtrees(packages)
         self.versions = {p: package_version(p) for p in packages}
         self.train_subtrees, self.eval_subtrees = split_subtrees(
@@ -267,18 +265,12 @@ class CodeCorpus:
         return rows
 
 
-_LAST: list[CodeCorpus] = []  # the last corpus built (train and eval sets of one job share it)
-
-
-def load_corpus(packages: Sequence[str], tokenizer, eval_fraction: float) -> CodeCorpus:
-    """The corpus of ``packages``, reused while the arguments stay the same."""
-    if _LAST and (_LAST[0].packages, _LAST[0].eval_fraction) == (tuple(packages), eval_fraction) \
-            and _LAST[0].tokenizer is tokenizer:
-        return _LAST[0]
+@lru_cache(maxsize=1)
+def load_corpus(packages: tuple[str, ...], tokenizer, eval_fraction: float) -> CodeCorpus:
+    """The corpus of ``packages``, built once for the train and eval sets of a job."""
     corpus = CodeCorpus(packages, tokenizer, eval_fraction)
     log.info("data=code: %d subtrees of %s, held out: %s | versions %s", len(corpus.subtrees),
              ", ".join(packages), ", ".join(corpus.eval_subtrees), corpus.versions)
-    _LAST[:] = [corpus]
     return corpus
 
 
@@ -291,5 +283,5 @@ def document_lengths(packages: Sequence[str] = DEFAULT_PACKAGES, min_len: int | 
     if tokenizer is None:
         from .tokenizer import build_tokenizer
         tokenizer = build_tokenizer()
-    return [len(d) for d in load_corpus(packages, tokenizer, eval_fraction).documents(
-        min_len, max_len)]
+    corpus = load_corpus(tuple(packages), tokenizer, eval_fraction)
+    return [len(d) for d in corpus.documents(min_len, max_len)]

@@ -361,7 +361,7 @@ def code_corpus(cfg: DataConfig, tokenizer):
         raise ValueError(f"data.max_len={max_len} must be in [2, data.seq_len={cfg.seq_len}]")
     if cfg.recall_distance < 1:
         raise ValueError(f"data.recall_distance must be >= 1, got {cfg.recall_distance}")
-    corpus = load_corpus(list(cfg.packages), tokenizer, cfg.eval_fraction)
+    corpus = load_corpus(tuple(cfg.packages), tokenizer, cfg.eval_fraction)
     given = dict(cfg.package_versions)
     if given and given != corpus.versions:
         raise ValueError(f"data.package_versions={given} but this machine has {corpus.versions}")
