@@ -334,7 +334,7 @@ def build_train_dataset(cfg: DataConfig, tokenizer, seed: int, block_size: int =
         return PackedStream(items, cfg.seq_len, block_size, _pad_id(tokenizer), per_row)
     pad = _pad_id(tokenizer)
     if cfg.name == "code":
-        docs = code_corpus(cfg, tokenizer).documents(cfg.min_len, cfg.max_len or cfg.seq_len)
+        docs = code_corpus_of(cfg, tokenizer).documents(cfg.min_len, cfg.max_len or cfg.seq_len)
         if cfg.packing:
             return PackedDataset(docs, cfg.seq_len, block_size, pad, seed)
         return PaddedDocuments(docs, cfg.seq_len, pad)
@@ -351,7 +351,7 @@ def build_train_dataset(cfg: DataConfig, tokenizer, seed: int, block_size: int =
         docs, cfg.seq_len, pad)
 
 
-def code_corpus(cfg: DataConfig, tokenizer):
+def code_corpus_of(cfg: DataConfig, tokenizer):
     """The ``data=code`` corpus after checking its keys; records the packages' versions in
     ``cfg.package_versions`` (the run's W&B config), or checks them against versions given there."""
     max_len = cfg.max_len or cfg.seq_len
@@ -376,7 +376,7 @@ def build_eval_dataset(cfg: DataConfig, tokenizer, seed: int, seq_len: int) -> O
     if cfg.eval_samples <= 0:
         return None
     if cfg.name == "code":
-        return code_corpus(cfg, tokenizer).eval_rows(seq_len, cfg.eval_samples,
+        return code_corpus_of(cfg, tokenizer).eval_rows(seq_len, cfg.eval_samples,
                                                      cfg.recall_distance)
     return PasskeyDataset(tokenizer, seq_len, seed, num_keys=cfg.num_keys,
                           digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,

@@ -149,7 +149,7 @@ class CausalLMWithChunkedLoss(torch.nn.Module):
 
     def token_losses(self, hidden: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of every position (float32, 0 where the target is -100), chunked as
-        in :meth:`loss_sum`; for evaluation (no graph is kept)."""
+        in :meth:`loss_sum`; for evaluation, under ``torch.no_grad``."""
         head = self.lm.get_output_embeddings()
         chunk = max(1, self.chunk_tokens // hidden.shape[0])
         out = []
