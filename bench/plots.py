@@ -10,6 +10,8 @@
     throughput runs).
 (c) ``throughput_vs_length.png``: training tokens/s vs sequence length, dense vs PBS.
 (d) ``accuracy_vs_density.png``: retrieval accuracy vs density (accuracy stages B and C).
+(e) ``code_accuracy.png``: the stage protocol on natural text (bench/code_accuracy.py): stage A's
+    held-out loss curve, stage B's density and loss vs threshold, stage C's loss by position.
 Figures whose inputs are missing are skipped with a message.
 """
 
@@ -25,7 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-FIGURES = ("attention_map", "density_vs_length", "throughput_vs_length", "accuracy_vs_density")
+FIGURES = ("attention_map", "density_vs_length", "throughput_vs_length", "accuracy_vs_density",
+           "code_accuracy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,6 +162,61 @@ def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
     ax.set_ylabel("passkey retrieval accuracy")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def code_accuracy(args: argparse.Namespace, out: Path) -> None:
+    data = _load(args.results / "code_accuracy.json")
+    if not data:
+        raise FileNotFoundError("no code_accuracy.json")
+    code_accuracy_figure(data, out)
+
+
+def code_accuracy_figure(data: dict, out: Path) -> None:
+    """Four panels from bench/code_accuracy.py's results (a stage not run yet says so): A's
+    held-out loss per eval step; B at its longest length: density and held-out / recall loss
+    relative to dense vs threshold, with and without permutation; C: held-out loss by position
+    per variant (mean over seeds)."""
+    from bench.code_accuracy import c_summary
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (a_ax, dens_ax), (gap_ax, c_ax) = axes
+    for r in data.get("A", {}).get("rows", []):
+        if r.get("curve"):
+            a_ax.plot(*zip(*r["curve"]), "o-", markersize=3, label=r["name"])
+    a_ax.set(xlabel="step", ylabel="held-out loss (nats/token)", title="A: dense pretraining")
+    b = [r for r in data.get("B", {}).get("rows", []) if r.get("status") == "ok"]
+    n = max((r["seq_len"] for r in b), default=None)
+    dense = next((r for r in b if r["seq_len"] == n and r["name"] == "dense"), {})
+    for permute, style in ((True, "o-"), (False, "s--")):
+        pts = sorted((r["threshold"], r) for r in b if r["seq_len"] == n
+                     and r["name"] != "dense" and r["permute"] == permute)
+        label = "PBS" if permute else "no permutation"
+        if pts:
+            dens_ax.plot([t for t, _ in pts], [r["density"] for _, r in pts], style, label=label)
+        for key, color in (("loss", "C0"), ("recall", "C3")):
+            gap = [(t, r[key] / dense[key] - 1) for t, r in pts
+                   if r.get(key) is not None and dense.get(key)]
+            if gap:
+                name = "held-out" if key == "loss" else "long-range recall"
+                gap_ax.plot(*zip(*gap), style, color=color, label=f"{name} loss, {label}")
+    dens_ax.set(xlabel="threshold", ylabel="density", title=f"B: no training, {n} tokens")
+    gap_ax.set(xlabel="threshold", ylabel="relative to dense", title=f"B: loss vs dense, {n}")
+    c = data.get("C")
+    for r in c_summary(c) if c else []:
+        pts = sorted((int(k.split("-")[1]) + 1, v) for k, v in r["loss_by_pos"].items())
+        c_ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=3,
+                  label=f"{r['name']} (density {r['density'] or 1:.2f})")
+    c_ax.set_xscale("log", base=2)
+    c_ax.set(xlabel="position (bucket end)", ylabel="held-out loss",
+             title="C: after training at the long length")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, out)
 
 

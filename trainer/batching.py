@@ -6,7 +6,9 @@ sequence parallelism shards along N; everything else is per row and stays whole:
 - ``input_ids``, ``labels`` (HF convention: aligned with the inputs, -100 = no loss),
   ``position_ids`` (restart at 0 at every packed document), ``shift_labels`` (the target of each
   position: ``labels`` shifted left by one, -100 at the end, made before any sharding so that a
-  shard's last position still has its target), ``answer_mask`` (passkey items);
+  shard's last position still has its target), ``answer_mask`` (passkey items), ``recall_mask``
+  (held-out code rows: long-range recall tokens) and ``shift_recall_mask`` (whether the target
+  of each position is one, shifted like ``shift_labels``);
 - padded rows: ``length`` (B,), the real tokens before the right padding;
 - packed rows: ``doc_starts`` and ``doc_ends`` (B, M), the first token and the real end of each
   document (slots past a row's last document hold N), as ``kernels.pbs_plan`` takes them.
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 
 from .data import IGNORE
 
-SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "answer_mask")
+SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "answer_mask",
+                 "recall_mask", "shift_recall_mask")
 _SHUFFLE_MAX_LEN = 10**7  # datasets up to this length are shuffled per epoch; longer ones are
 # generated on the fly (passkey) and already random per index.
 
@@ -51,7 +54,8 @@ class BatchSampler:
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     """Stack items; pad per-row document lists to the batch's most documents (with N); add
-    ``position_ids`` (0..N-1 where the items have none) and ``shift_labels``."""
+    ``position_ids`` (0..N-1 where the items have none), ``shift_labels`` and, for rows with a
+    ``recall_mask``, ``shift_recall_mask``."""
     batch = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -63,6 +67,8 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     if "position_ids" not in batch:
         batch["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids).contiguous()
     batch["shift_labels"] = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    if "recall_mask" in batch:
+        batch["shift_recall_mask"] = F.pad(batch["recall_mask"][:, 1:], (0, 1), value=False)
     return batch
 
 

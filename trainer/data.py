@@ -1,8 +1,10 @@
-"""Training/eval data: synthetic passkey retrieval, local JSONL, local HF ``datasets`` dirs.
+"""Training/eval data: synthetic passkey retrieval, source code of installed packages
+(``trainer/code_corpus.py``), local JSONL, local HF ``datasets`` dirs.
 
 Items are dicts of LongTensors ``input_ids`` and ``labels`` of shape (seq_len,). Labels follow
 the HF convention: aligned with ``input_ids`` (the model shifts), ``-100`` = no loss.
-Passkey items also carry ``answer_mask`` (bool, seq_len): the answer digit positions in labels.
+Passkey items also carry ``answer_mask`` (bool, seq_len): the answer digit positions in labels;
+held-out code rows ``recall_mask`` (bool, seq_len): the long-range recall tokens.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import Dataset
 
+from .code_corpus import DEFAULT_PACKAGES, load_corpus
 from .packing import IGNORE, Document, PackedDataset, PackedStream
 
 
@@ -24,16 +27,24 @@ from .packing import IGNORE, Document, PackedDataset, PackedStream
 class DataConfig:
     """Structured config of the Hydra ``data`` group."""
 
-    name: str = "passkey"  # passkey | jsonl | hf_disk
+    name: str = "passkey"  # passkey | code | jsonl | hf_disk
     seq_len: int = 2048
     path: Optional[str] = None  # jsonl file or HF datasets save_to_disk dir
-    eval_seq_lens: List[int] = field(default_factory=list)  # passkey eval lengths; [] -> [seq_len]
-    eval_samples: int = 32  # passkey eval items per length; 0 disables eval
+    eval_seq_lens: List[int] = field(default_factory=list)  # eval lengths; [] -> [seq_len]
+    eval_samples: int = 32  # eval items (passkey) or held-out rows (code) per length; 0: no eval
     num_keys: int = 1  # passkey: key/value lines hidden in the filler (multi-key retrieval)
     passkey_digits: int = 5
     answer_only_loss: bool = False  # passkey: loss on answer only (else also LM loss on filler)
-    min_len: Optional[int] = None  # passkey train items: length log-uniform in [min_len, seq_len]
+    # passkey train items: length log-uniform in [min_len, seq_len]; code: a document ends at
+    # the first file end at or after min_len tokens (null: one document per file)
+    min_len: Optional[int] = None
+    max_len: Optional[int] = None  # code: documents cut at this many tokens (null: seq_len)
     packing: bool = False  # several documents per row at block-aligned starts (trainer/packing.py)
+    packages: List[str] = field(default_factory=lambda: list(DEFAULT_PACKAGES))  # code sources
+    package_versions: Dict[str, str] = field(default_factory=dict)  # code: filled in at start-up
+    eval_fraction: float = 0.1  # code: share of characters held out, by whole subtrees
+    recall_distance: int = 4096  # code: eval/recall_loss scores identifiers last seen further back
+    loss_bucket_tokens: int = 1024  # eval/loss_by_pos: first bucket [0, this), then doubling
 
 
 # ---------------------------------------------------------------- passkey retrieval
@@ -310,9 +321,9 @@ def hf_disk_documents(path: str, tokenizer) -> list[Document]:
 def build_train_dataset(cfg: DataConfig, tokenizer, seed: int, block_size: int = 64) -> Dataset:
     """Training rows selected by ``cfg.name``; deterministic (row i depends on seed and i).
 
-    Padded (default): passkey items and chat samples one per row, right-padded; text documents
-    concatenated and chunked. ``cfg.packing``: documents first-fit packed at multiples of
-    ``block_size`` (trainer/packing.py)."""
+    Padded (default): passkey items, code documents and chat samples one per row, right-padded;
+    text documents concatenated and chunked. ``cfg.packing``: documents first-fit packed at
+    multiples of ``block_size`` (trainer/packing.py)."""
     if cfg.name == "passkey":
         items = PasskeyDataset(tokenizer, cfg.seq_len, seed, num_keys=cfg.num_keys,
                                digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,
@@ -321,24 +332,52 @@ def build_train_dataset(cfg: DataConfig, tokenizer, seed: int, block_size: int =
             return items
         per_row = 2 * math.ceil(cfg.seq_len / (cfg.min_len or cfg.seq_len)) + 1
         return PackedStream(items, cfg.seq_len, block_size, _pad_id(tokenizer), per_row)
+    pad = _pad_id(tokenizer)
+    if cfg.name == "code":
+        docs = code_corpus_of(cfg, tokenizer).documents(cfg.min_len, cfg.max_len or cfg.seq_len)
+        if cfg.packing:
+            return PackedDataset(docs, cfg.seq_len, block_size, pad, seed)
+        return PaddedDocuments(docs, cfg.seq_len, pad)
     if cfg.name not in ("jsonl", "hf_disk"):
-        raise ValueError(f"unknown data.name={cfg.name!r} (expected passkey, jsonl or hf_disk)")
+        raise ValueError(f"unknown data.name={cfg.name!r} (expected passkey, code, jsonl or "
+                         "hf_disk)")
     if not cfg.path:
         raise ValueError(f"data.name={cfg.name} needs data.path")
     kind, docs = (jsonl_documents(cfg.path, tokenizer) if cfg.name == "jsonl"
                   else ("text", hf_disk_documents(cfg.path, tokenizer)))
-    pad = _pad_id(tokenizer)
     if cfg.packing:
         return PackedDataset(docs, cfg.seq_len, block_size, pad, seed)
     return TokenChunks(docs, cfg.seq_len, pad) if kind == "text" else PaddedDocuments(
         docs, cfg.seq_len, pad)
 
 
+def code_corpus_of(cfg: DataConfig, tokenizer):
+    """The ``data=code`` corpus after checking its keys; records the packages' versions in
+    ``cfg.package_versions`` (the run's W&B config), or checks them against versions given there."""
+    max_len = cfg.max_len or cfg.seq_len
+    if cfg.min_len is not None and not 2 <= cfg.min_len <= max_len:
+        raise ValueError(f"data.min_len={cfg.min_len} must be in [2, data.max_len={max_len}]")
+    if not 2 <= max_len <= cfg.seq_len:
+        raise ValueError(f"data.max_len={max_len} must be in [2, data.seq_len={cfg.seq_len}]")
+    if cfg.recall_distance < 1:
+        raise ValueError(f"data.recall_distance must be >= 1, got {cfg.recall_distance}")
+    corpus = load_corpus(tuple(cfg.packages), tokenizer, cfg.eval_fraction)
+    given = dict(cfg.package_versions)
+    if given and given != corpus.versions:
+        raise ValueError(f"data.package_versions={given} but this machine has {corpus.versions}")
+    cfg.package_versions = corpus.versions
+    return corpus
+
+
 def build_eval_dataset(cfg: DataConfig, tokenizer, seed: int, seq_len: int) -> Optional[Dataset]:
-    """Passkey retrieval eval set of ``cfg.eval_samples`` items at ``seq_len`` (for every
-    ``data.name``: it measures long-context retrieval); None when eval_samples is 0."""
+    """Eval set at ``seq_len``: ``cfg.eval_samples`` held-out rows for ``data=code``, else
+    passkey retrieval items (for every other ``data.name``: it measures long-context retrieval);
+    None when eval_samples is 0."""
     if cfg.eval_samples <= 0:
         return None
+    if cfg.name == "code":
+        return code_corpus_of(cfg, tokenizer).eval_rows(seq_len, cfg.eval_samples,
+                                                     cfg.recall_distance)
     return PasskeyDataset(tokenizer, seq_len, seed, num_keys=cfg.num_keys,
                           digits=cfg.passkey_digits, answer_only_loss=cfg.answer_only_loss,
                           length=cfg.eval_samples, split="eval")

@@ -147,6 +147,19 @@ class CausalLMWithChunkedLoss(torch.nn.Module):
                 total = total + _chunk_loss_sum(head, h, t)
         return total
 
+    def token_losses(self, hidden: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every position (float32, 0 where the target is -100), chunked as
+        in :meth:`loss_sum`; for evaluation, under ``torch.no_grad``."""
+        head = self.lm.get_output_embeddings()
+        chunk = max(1, self.chunk_tokens // hidden.shape[0])
+        out = []
+        for s in range(0, hidden.shape[1], chunk):
+            logits = head(hidden[:, s:s + chunk]).float()
+            t = shift_labels[:, s:s + chunk]
+            out.append(F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=-100,
+                                       reduction="none").view(t.shape))
+        return torch.cat(out, dim=1)
+
 
 def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:

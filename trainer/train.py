@@ -32,6 +32,7 @@ from .data import build_eval_dataset, build_train_dataset
 from .engine import (build_engine, deepspeed_config, export_hf, find_resume_checkpoint,
                      init_distributed, load_checkpoint, save_checkpoint, use_bf16)
 from .evaluation import evaluate
+from .lm_metrics import position_buckets
 from .memory import MemorySnapshot, activation_offload, tile_mlps
 from .metrics import StepMeter, attention_stats, print_summary, train_metrics
 from .model import CausalLMWithChunkedLoss, architecture_config, build_model
@@ -132,6 +133,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     evaluate, save, export."""
     job = build_job(cfg)
     tr, engine, sp, tracker, device = cfg.trainer, job.engine, job.sp, job.tracker, job.device
+    buckets = cfg.data.loss_bucket_tokens
     start_step, tokens_seen = resume(engine, tr, job.rank, sp.size)
     logger = WandbLogger(cfg, job.run_dir, job.rank)
     sampler = BatchSampler(job.train_ds, tr.seed, tr.micro_batch_size, tr.grad_accum,
@@ -143,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     deadline = time.perf_counter() + 60 * tr.max_minutes if tr.max_minutes > 0 else None
     first_eval, last, saved_step, done = {}, {}, None, start_step
     if job.eval_sets and start_step == 0:
-        first_eval = evaluate(engine, job.eval_sets, sp, device)
+        first_eval = evaluate(engine, job.eval_sets, sp, device, buckets)
         logger.log(first_eval, step=0)
     loss = torch.zeros((), device=device)
     for step in range(start_step, tr.max_steps):
@@ -174,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         bar.update(1)
         with meter.paused():
             if tr.eval_every and done % tr.eval_every == 0 and done < tr.max_steps and job.eval_sets:
-                logger.log(evaluate(engine, job.eval_sets, sp, device), step=done)
+                logger.log(evaluate(engine, job.eval_sets, sp, device, buckets), step=done)
             if tr.save_every and done % tr.save_every == 0:
                 save(job, meter, done)
                 saved_step = done
@@ -184,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             break
     bar.close()
 
-    final_eval = evaluate(engine, job.eval_sets, sp, device) if job.eval_sets else {}
+    final_eval = evaluate(engine, job.eval_sets, sp, device, buckets) if job.eval_sets else {}
     logger.log(final_eval, step=done)
     # The ZeRO-3 export rebuilds the weights from the final checkpoint, so it forces that save.
     export_needs_ckpt = tr.export_hf and engine.zero_optimization_stage() == 3
@@ -248,6 +250,7 @@ def check_job(cfg: DictConfig, device: torch.device, model_config, world: int,
     if attn.impl == "flex" and device.type != "cuda":
         raise ValueError("attention=flex trains on CUDA only: torch FlexAttention has no backward "
                          f"on {device.type}")
+    position_buckets(cfg.data.loss_bucket_tokens, max(seq_lens))  # raises for a bad value
     if tr.max_minutes < 0:
         raise ValueError(f"trainer.max_minutes must be >= 0 (0: no time limit), got "
                          f"{tr.max_minutes}")
