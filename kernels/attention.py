@@ -28,7 +28,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
         block_size: tokens per query/key block (b).
         segment_size: tokens per permutation segment (S), a multiple of ``block_size``.
         threshold: cumulative block-score mass to keep per query block, in (0, 1].
-        sink: always compute the key block holding token 0.
+        sink: always compute the key block holding token 0 (after the permutation: the block
+            where token 0 landed).
         permute: reorder keys inside segments by importance (False: the MeanPooling baseline).
         density: if given, keep a fixed share of causal blocks per query block instead of
             ``threshold`` (for controlled comparisons).

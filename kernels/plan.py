@@ -119,7 +119,8 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor,
 
     Off-segment key blocks are ranked by softmax(pooled_q . pooled_k * scale) and the smallest
     top set whose mass reaches ``threshold`` is kept (or, when ``density`` is given, the top
-    ``ceil(density * causal_blocks)`` minus the always-computed ones). The sink block and every
+    ``ceil(density * causal_blocks)`` minus the always-computed ones). The sink block (the
+    permuted block holding token 0, as in the authors' ``first_token_mask``) and every
     key block of the query block's own segment that holds a key at or before the block's last
     query are always kept. (Triton: :func:`kernels.triton_plan.triton_select_blocks`.)
     """
@@ -156,11 +157,11 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor,
         keep_sorted = keep_sorted & torch.isfinite(sorted_scores)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
-    if sink:
-        keep[..., 0] |= True
-    # Diagonal segment: keep key block j if some key in it precedes the block's last query.
     min_pos = torch.nn.functional.pad(key_perm, (0, nb * block_size - N), value=N)
     min_pos = min_pos.view(B, Hkv, nb, block_size).amin(dim=-1)  # (B, Hkv, nb)
+    if sink:  # the block where token 0 landed (in segment 0), not permuted block 0
+        keep |= (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :]
+    # Diagonal segment: keep key block j if some key in it precedes the block's last query.
     last_q = torch.clamp(blk * block_size + block_size - 1, max=N - 1)
     reachable = min_pos[:, :, None, :] <= last_q[None, None, :, None]  # (B, Hkv, nb, nb)
     reachable = reachable.repeat_interleave(G, dim=1)

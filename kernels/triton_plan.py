@@ -306,11 +306,13 @@ def _select_rows(S, MIN_POS, KEEP, N, G, NB, seg_blocks, scale, threshold, densi
         keep = tl.where(target > 0, keep, False)  # a zero budget keeps nothing
     else:
         keep = ok
-    if SINK:
-        keep |= cols == 0
     # Diagonal segment: key block j if one of its keys precedes the query block's last query.
     diag = (cols >= n_allowed) & (cols < n_allowed + seg_blocks) & (cols < NB)
-    min_pos = tl.load(MIN_POS + (bh // G) * NB + cols, mask=diag, other=N)
+    # Sink: the block of the first segment where token 0 landed.
+    first_segment = (cols < seg_blocks) & (cols < NB)
+    min_pos = tl.load(MIN_POS + (bh // G) * NB + cols, mask=diag | first_segment, other=N)
+    if SINK:
+        keep |= first_segment & (min_pos == 0)
     keep |= diag & (min_pos <= tl.minimum(i * BLOCK_SIZE + BLOCK_SIZE - 1, N - 1))
     tl.store(KEEP + row.to(tl.int64) * NB + cols, keep.to(tl.int8), mask=cols < NB)
 
