@@ -226,6 +226,43 @@ def test_flex_runs_the_document_plan():
                                    rtol=1e-5)
 
 
+def test_triton_document_importance_over_several_key_chunks(monkeypatch):
+    """Per-document importance (split-K row pass with a document axis; _MIN_CHUNK 64 gives
+    documents several chunks, and programs past a document's keys exit) and the per-segment
+    sort, against torch on each document's slice."""
+    from kernels import triton_plan
+    from kernels.plan import document_layout, segment_permutation
+    monkeypatch.setattr(triton_plan, "_MIN_CHUNK", 64)
+    B, Hq, Hkv, N, D, b, S = 2, 2, 1, 512, 32, 16, 64
+    G, scale = Hq // Hkv, D ** -0.5
+    starts = torch.tensor([[0, 320, 384, N], [0, 16, 96, 416]], device=DEVICE)
+    ends = torch.tensor([[300, 380, 500, N], [10, 96, 410, 512]], device=DEVICE)
+    torch.manual_seed(7)  # no near-tie of importances that rounding could swap
+    q, k = torch.randn(B, Hq, N, D, device=DEVICE), torch.randn(B, Hkv, N, D, device=DEVICE)
+    docs = document_layout(starts, ends, N, b)
+    complete = docs.complete_keys(S, b)
+    imp = triton_plan.key_importance(q, k, N // S * S, b, scale, docs=docs, complete=complete,
+                                     block_size=b)
+    perm = triton_plan.triton_segment_permutation(q, k, b, S, scale, docs=docs)
+    checked = 0
+    for r, spans in enumerate(docs.spans(b)):
+        for d, (s, e, pe) in enumerate(spans):
+            nc = int(complete[r, d])
+            if nc:
+                first = max(e - b, s)
+                rows = q[r, :, first:first + b].reshape(Hkv, G * b, D)
+                want = torch.softmax(rows @ k[r, :, s:s + nc].transpose(-1, -2) * scale, -1)
+                torch.testing.assert_close(imp[r, :, s:s + nc], want.mean(-2), rtol=1e-4,
+                                           atol=1e-7)
+                checked += nc > 2 * 64  # several chunks
+            alone = segment_permutation(q[r:r + 1, :, s:pe], k[r:r + 1, :, s:pe], b, S, scale,
+                                        torch.tensor([e - s], device=DEVICE))
+            assert torch.equal(perm[r, :, s:pe] - s, alone[0]), (r, s)
+        assert torch.equal(perm[r, :, spans[-1][2]:], torch.arange(spans[-1][2], N,
+                                                                   device=DEVICE).expand(Hkv, -1))
+    assert checked >= 2
+
+
 def test_triton_index_lists_use_document_relative_segments():
     """Full (no token mask) vs part (own segment) lists follow each document's segments."""
     from kernels.triton_attention import BlockIndex
