@@ -3,9 +3,13 @@ the same block mask, side by side in one run on one GPU.
 
     python -m bench.attention                      # full sweep (N = 8K..128K, Hkv = 32 and 8)
     python -m bench.attention --seq-lens 16384 --hkv 8 --out /tmp/a.json
+    python -m bench.attention --cases packed --seq-lens 65536 --hkv 8   # packed documents only
 
 Times are ``triton.testing.do_bench`` medians (ms). FLOPs are counted on computed blocks only:
-forward 4 * B * Hq * N^2 * D / 2 * density, backward 2.5x that, forward+backward 3.5x.
+forward 4 * B * Hq * N^2 * D / 2 * density, backward 2.5x that, forward+backward 3.5x. The
+``packed`` case (one row of N tokens packed with documents of log-uniform lengths, 512..N,
+block-aligned, fixed seed; attention inside documents only) counts 4 * b^2 * D per computed
+block and head, so its TFLOP/s compare per computed block with the unpacked rows.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from kernels.triton_attention import BlockIndex, BlockSparseAttentionFunction
 from trainer.flex import flex_block_mask
 
 MODES = ("fwd", "bwd", "fwdbwd")
+CASES = ("unpacked", "packed")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 
@@ -56,6 +61,23 @@ def heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device, seed=0, segment=256, hot_s
         k[:, h, idx] += 3.0 * direction
         q[:, h * G:(h + 1) * G] += direction
     return [x.to(dtype) for x in (q, k, v)]
+
+
+def packed_documents(N: int, block: int, seed: int = 0, min_len: int = 512,
+                     device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """``doc_starts``, ``query_end`` (1, M) int64 of one row of N tokens packed with documents
+    whose real lengths are log-uniform in [min_len, N] (a fixed seed), each starting at a
+    multiple of ``block`` (its last block padded); the last document is cut to fit the row."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = math.log(min(min_len, N)), math.log(N)
+    starts, ends, pos = [], [], 0
+    while pos < N:
+        length = min(round(math.exp(lo + torch.rand((), generator=g).item() * (hi - lo))),
+                     N - pos)
+        starts.append(pos)
+        ends.append(pos + length)
+        pos += math.ceil(length / block) * block
+    return (torch.tensor([starts], device=device), torch.tensor([ends], device=device))
 
 
 def random_block_plan(B, Hq, Hkv, N, block, density, device, seed=0) -> PBSPlan:
@@ -159,6 +181,74 @@ def bench_shape(N, Hq, Hkv, D, block, segment, densities, threshold, dtype, flex
     return rows
 
 
+def bench_packed(N, Hq, Hkv, D, block, segment, density, threshold, dtype, flex_fn, device,
+                 seed=0):
+    """One packed row (``packed_documents``): our kernels with the document-aware plan
+    (threshold, fixed density, and the dense document mask: threshold 1 without permutation)
+    vs FlexAttention with the same block masks, and dense cuDNN over the whole row."""
+    B, G = 1, Hq // Hkv
+    q, k, v = heavy_hitter_qkv(B, Hq, Hkv, N, D, dtype, device, segment=segment)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    starts, ends = packed_documents(N, block, seed, device=device)
+    info = dict(case="packed", docs=starts.shape[1], real_tokens=int((ends - starts).sum()))
+    rows = []
+
+    def row(impl, mask, density, times, computed=None, **extra):
+        r = dict(impl=impl, mask=mask, N=N, Hq=Hq, Hkv=Hkv, D=D, density=density, **info,
+                 **extra)
+        if computed is not None:
+            r["computed_blocks"] = computed
+        for m, ms in times.items():
+            flops = (causal_flops(B, Hq, N, D, 1.0, m) if computed is None else
+                     4 * block * block * D * computed * FLOP_FACTOR[m])
+            r[f"{m}_ms"] = ms
+            r[f"{m}_tflops"] = flops / ms / 1e9
+            r[f"{m}_real_tokens_per_s"] = info["real_tokens"] / ms * 1e3
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    def dense_row() -> dict[str, float]:  # no document mask: what ignoring the documents costs
+        kr = k.detach().repeat_interleave(G, 1).requires_grad_()
+        vr = v.detach().repeat_interleave(G, 1).requires_grad_()
+
+        def dense():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        return time_modes(dense, [q, kr, vr])
+    try:
+        row("sdpa_cudnn", "dense_row", 1.0, dense_row())
+    except RuntimeError as e:
+        print(f"sdpa_cudnn skipped: {e}")
+
+    variants = [("pbs", threshold, dict(threshold=threshold)),
+                ("pbs_density", density, dict(density=density)),
+                ("doc_dense", 1.0, dict(threshold=1.0, permute=False))]
+    scale = D ** -0.5
+    for kind, target, kwargs in variants:
+        layout = dict(doc_starts=starts, query_end=ends, **kwargs)
+        plan = pbs_plan(q, k, block, segment, **layout)
+        tag = dict(target=target, computed=int(plan.block_mask.sum()))
+        index = BlockIndex.from_plan(plan)
+        key_pos = plan.key_perm.to(torch.int32)
+        kernel = lambda: BlockSparseAttentionFunction.apply(  # noqa: E731
+            q, k, v, key_pos, scale, block, *index.tensors())
+        row("pbs_kernel", kind, plan.density, time_modes(kernel, [q, k, v]), **tag)
+        full = lambda: pbs_attention(q, k, v, block, segment, **layout)  # noqa: E731
+        t = time_modes(full, [q, k, v], ("fwd", "fwdbwd"))
+        plan_ms = do_bench(lambda: BlockIndex.from_plan(pbs_plan(q, k, block, segment,
+                                                                 **layout)),
+                           return_mode="median")
+        row("pbs_e2e", kind, plan.density, t, plan_ms=plan_ms, plan_share=plan_ms / t["fwdbwd"],
+            **tag)
+        if flex_fn is not None:
+            kp = permute_keys(k.detach(), plan.key_perm).requires_grad_()
+            vp = permute_keys(v.detach(), plan.key_perm).requires_grad_()
+            bm = flex_block_mask(plan)
+            flex = lambda: flex_fn(q, kp, vp, block_mask=bm, enable_gqa=G > 1)  # noqa: E731
+            row("flex", kind, plan.density, time_modes(flex, [q, kp, vp]), **tag)
+    return rows
+
+
 def pbs_attention_plan_only(q, k, block, segment, threshold, permute):
     """The planning part of pbs_attention (permutation, gather, selection, index lists)."""
     return BlockIndex.from_plan(pbs_plan(q, k, block, segment, threshold, permute=permute,
@@ -189,7 +279,8 @@ def summarize(rows) -> str:
              "vs cuDNN dense | vs Flex | plan share |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        base = [x for x in rows if x["N"] == r["N"] and x["Hkv"] == r["Hkv"]]
+        base = [x for x in rows if x["N"] == r["N"] and x["Hkv"] == r["Hkv"]
+                and x.get("case") == r.get("case")]
         cudnn = next((x for x in base if x["impl"] == "sdpa_cudnn"), None)
         flex = next((x for x in base if x["impl"] == "flex" and x["mask"] == r["mask"]
                      and x.get("target") == r.get("target")), None)
@@ -198,14 +289,15 @@ def summarize(rows) -> str:
         vs_flex = (f"{flex['fwdbwd_ms'] / fb:.2f}x" if flex and fb and r["impl"] != "flex"
                    and not r["impl"].startswith("sdpa") else "")
         share = f"{r['plan_share']:.1%}" if "plan_share" in r else ""
+        mask = f"packed ({r['docs']} docs) {r['mask']}" if r.get("case") == "packed" else r["mask"]
         lines.append(
-            f"| {r['N']} | {r['Hkv']} | {r['mask']} {r.get('target', '')} | {r['density']:.3f} | "
+            f"| {r['N']} | {r['Hkv']} | {mask} {r.get('target', '')} | {r['density']:.3f} | "
             f"{r['impl']} | {r.get('fwd_ms', float('nan')):.2f} | {fb or float('nan'):.2f} | "
             f"{r.get('fwdbwd_tflops', float('nan')):.0f} | {vs_cudnn} | {vs_flex} | {share} |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--hkv", type=int, nargs="+", default=[32, 8])
@@ -214,12 +306,22 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--segment-size", type=int, default=256)
     p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0])
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                   help="unpacked: one sequence per row (fixed masks, PBS, MeanPooling); packed: "
+                        "one row of documents of log-uniform lengths (512..N)")
+    p.add_argument("--packed-density", type=float, default=0.2,
+                   help="fixed density of the packed case's second PBS plan")
+    p.add_argument("--packed-seed", type=int, default=0, help="seed of the document lengths")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--profile-plan", action="store_true",
                    help="print a torch.profiler table of the planning ops and exit")
     p.add_argument("--out", type=Path, default=Path("bench/results/attention.json"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.attention needs a CUDA GPU")
     device = "cuda"
@@ -238,15 +340,22 @@ def main(argv=None) -> None:
     rows = []
     for N in args.seq_lens:
         for hkv in args.hkv:
-            rows += bench_shape(N, args.hq, hkv, args.head_dim, args.block_size,
-                                args.segment_size, args.densities, args.threshold,
-                                torch.bfloat16, flex_fn, device)
-            torch.cuda.empty_cache()
+            if "unpacked" in args.cases:
+                rows += bench_shape(N, args.hq, hkv, args.head_dim, args.block_size,
+                                    args.segment_size, args.densities, args.threshold,
+                                    torch.bfloat16, flex_fn, device)
+                torch.cuda.empty_cache()
+            if "packed" in args.cases:
+                rows += bench_packed(N, args.hq, hkv, args.head_dim, args.block_size,
+                                     args.segment_size, args.packed_density, args.threshold,
+                                     torch.bfloat16, flex_fn, device, args.packed_seed)
+                torch.cuda.empty_cache()
     meta = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 commit=git_commit(), torch=torch.__version__,
                 triton=__import__("triton").__version__, dtype="bfloat16", B=1,
                 block_size=args.block_size, segment_size=args.segment_size,
-                threshold=args.threshold)
+                threshold=args.threshold, cases=args.cases, packed_density=args.packed_density,
+                packed_seed=args.packed_seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     table = summarize(rows)

@@ -21,12 +21,18 @@ class PBSPlan:
 
     Query ``i`` may attend the key stored at permuted position ``p`` iff
     ``block_mask[b, h, i // block_size, p // block_size]`` and ``key_perm[b, h // G, p] <= i``.
+    With packed documents the block mask is block-diagonal (no block of one document selects a
+    block of another; blocks outside documents are never computed) and segments are cut from
+    each document's start: ``doc_first_block`` says where.
     """
 
     key_perm: torch.Tensor  # int64 (B, Hkv, N): original position of the key at permuted p
     block_mask: torch.Tensor  # bool (B, Hq, nb, nb): computed (query block, permuted key block)
     block_size: int
     segment_size: int
+    # int32 (B, nb): first block of each block's document, -1 outside documents; None: one
+    # document per row, spanning it
+    doc_first_block: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -34,19 +40,101 @@ class PBSPlan:
 
     @property
     def density(self) -> float:
-        """Computed blocks over the blocks dense causal attention computes (syncs the device)."""
+        """Computed blocks over the blocks dense causal attention computes (syncs the device);
+        with documents, causal blocks inside documents."""
         B, Hq, nb, _ = self.block_mask.shape
-        return self.block_mask.sum().item() / (B * Hq * nb * (nb + 1) / 2)
+        if self.doc_first_block is None:
+            return self.block_mask.sum().item() / (B * Hq * nb * (nb + 1) / 2)
+        computed, causal = torch.stack([self.block_mask.sum().double(),
+                                        self.causal_blocks().sum().double()]).tolist()
+        return computed / (Hq * causal)
+
+    def causal_blocks(self) -> torch.Tensor:
+        """Float (B,): blocks dense causal attention computes per row and head; with documents
+        the sum over documents of nb_d (nb_d + 1) / 2."""
+        B, nb = self.block_mask.shape[0], self.num_blocks
+        if self.doc_first_block is None:
+            return torch.full((B,), nb * (nb + 1) / 2, device=self.block_mask.device)
+        first = self.doc_first_block
+        blk = torch.arange(nb, device=first.device)
+        return torch.where(first >= 0, blk - first + 1, 0).sum(-1).float()
+
+    def block_segments(self) -> torch.Tensor | None:
+        """Int32 (B, nb): first block of each block's (document-relative) segment, -1 outside
+        documents; None without documents (segment of block j: j // (S / b))."""
+        if self.doc_first_block is None:
+            return None
+        first = self.doc_first_block
+        blk = torch.arange(self.num_blocks, device=first.device, dtype=torch.int32)
+        seg_blocks = self.segment_size // self.block_size
+        return torch.where(first >= 0, first + (blk - first) // seg_blocks * seg_blocks, -1)
 
     def diagonal_segment_mask(self) -> torch.Tensor:
-        """Bool (nb, nb): True where key block j lies in query block i's own segment."""
-        return same_segment(self.num_blocks, self.block_size, self.segment_size,
-                            self.block_mask.device)
+        """Bool, True where key block j lies in query block i's own segment: (nb, nb) without
+        documents, (B, 1, nb, nb) with them (broadcasts against ``block_mask``)."""
+        segments = self.block_segments()
+        if segments is None:
+            return same_segment(self.num_blocks, self.block_size, self.segment_size,
+                                self.block_mask.device)
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments >= 0)[:, :, None]
+        return same[:, None]
 
     def density_per_head(self) -> torch.Tensor:
-        """Float (B, Hq): computed blocks over causal blocks for each head."""
-        nb = self.num_blocks
-        return self.block_mask.sum((-1, -2)).float() / (nb * (nb + 1) / 2)
+        """Float (B, Hq): computed blocks over causal blocks (inside documents) for each head."""
+        if self.doc_first_block is None:
+            nb = self.num_blocks
+            return self.block_mask.sum((-1, -2)).float() / (nb * (nb + 1) / 2)
+        return self.block_mask.sum((-1, -2)).float() / self.causal_blocks()[:, None]
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Layout of packed rows as device tables (built without a host sync from validated
+    ``doc_starts`` / ``query_end``, see ``kernels.attention``). Document d of row b covers
+    tokens [starts[b, d], end_blocks[b, d] * block_size): its real tokens end at ends[b, d], the
+    rest of its last block are its pads. Unused slots: start = end = N (no block)."""
+
+    starts: torch.Tensor  # int32 (B, M): first token of each document
+    ends: torch.Tensor  # int32 (B, M): real end (exclusive) of each document
+    end_blocks: torch.Tensor  # int32 (B, M): first block after each document
+    block_doc: torch.Tensor  # int32 (B, nb): document slot of each block, -1 outside documents
+    first_block: torch.Tensor  # int32 (B, nb): first block of each block's document, -1 outside
+
+    @property
+    def num_slots(self) -> int:
+        return self.starts.shape[1]
+
+    def complete_keys(self, segment_size: int, block_size: int) -> torch.Tensor:
+        """Int32 (B, M): keys in each document's complete segments (0 when its padded length
+        N_d <= S), as ``segment_permutation`` counts them for a sequence of N_d."""
+        padded = self.end_blocks * block_size - self.starts
+        return torch.where(padded > segment_size, padded // segment_size * segment_size, 0)
+
+    def spans(self, block_size: int) -> list[list[tuple[int, int, int]]]:
+        """Per row, (start, real end, padded end) of each document (host lists: syncs)."""
+        rows = zip(self.starts.tolist(), self.ends.tolist(), self.end_blocks.tolist())
+        return [[(s, e, end_block * block_size) for s, e, end_block in zip(*row) if s < e]
+                for row in rows]
+
+
+def document_layout(doc_starts: torch.Tensor, query_end: torch.Tensor | None, N: int,
+                    block_size: int) -> Documents:
+    """Device tables of a (validated) packed layout; no host sync. ``query_end`` (B, M) or
+    None (each document ends where the next starts, the last at N)."""
+    starts = doc_starts.to(torch.int32)
+    B, _ = starts.shape
+    used = starts < N
+    following = torch.cat([starts[:, 1:], starts.new_full((B, 1), N)], 1)
+    ends = following if query_end is None else torch.where(used, query_end.to(torch.int32), N)
+    end_blocks = (ends + block_size - 1) // block_size
+    nb = N // block_size
+    first_token = torch.arange(0, N, block_size, device=starts.device, dtype=torch.int32)
+    doc = torch.searchsorted(starts.contiguous(), first_token.expand(B, nb).contiguous(),
+                             right=True, out_int32=True) - 1
+    inside = torch.arange(nb, device=starts.device) < end_blocks.gather(1, doc.long())
+    block_doc = torch.where(inside, doc, -1)
+    first_block = torch.where(inside, (starts // block_size).gather(1, doc.long()), -1)
+    return Documents(starts, ends, end_blocks, block_doc, first_block)
 
 
 def same_segment(nb: int, block_size: int, segment_size: int,
@@ -119,7 +207,8 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor,
 
     Off-segment key blocks are ranked by softmax(pooled_q . pooled_k * scale) and the smallest
     top set whose mass reaches ``threshold`` is kept (or, when ``density`` is given, the top
-    ``ceil(density * causal_blocks)`` minus the always-computed ones). The sink block and every
+    ``ceil(density * causal_blocks)`` minus the always-computed ones). The sink block (the
+    permuted block holding token 0, as in the authors' ``first_token_mask``) and every
     key block of the query block's own segment that holds a key at or before the block's last
     query are always kept. (Triton: :func:`kernels.triton_plan.triton_select_blocks`.)
     """
@@ -156,11 +245,11 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, key_perm: torch.Tensor,
         keep_sorted = keep_sorted & torch.isfinite(sorted_scores)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
-    if sink:
-        keep[..., 0] |= True
-    # Diagonal segment: keep key block j if some key in it precedes the block's last query.
     min_pos = torch.nn.functional.pad(key_perm, (0, nb * block_size - N), value=N)
     min_pos = min_pos.view(B, Hkv, nb, block_size).amin(dim=-1)  # (B, Hkv, nb)
+    if sink:  # the block where token 0 landed (in segment 0), not permuted block 0
+        keep |= (min_pos == 0).repeat_interleave(G, dim=1)[:, :, None, :]
+    # Diagonal segment: keep key block j if some key in it precedes the block's last query.
     last_q = torch.clamp(blk * block_size + block_size - 1, max=N - 1)
     reachable = min_pos[:, :, None, :] <= last_q[None, None, :, None]  # (B, Hkv, nb, nb)
     reachable = reachable.repeat_interleave(G, dim=1)

@@ -54,19 +54,23 @@ class BlockIndex:
     @classmethod
     def from_plan(cls, plan: PBSPlan) -> BlockIndex:
         seg_blocks = plan.segment_size // plan.block_size
-        return cls(*_compact(plan.block_mask, seg_blocks),
-                   *_compact(plan.block_mask.transpose(-1, -2), seg_blocks))
+        segments = plan.block_segments()  # document-relative segments, None without documents
+        return cls(*_compact(plan.block_mask, seg_blocks, segments),
+                   *_compact(plan.block_mask.transpose(-1, -2), seg_blocks, segments))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)
 
 
-def _compact(mask: torch.Tensor, seg_blocks: int) -> tuple[torch.Tensor, ...]:
+def _compact(mask: torch.Tensor, seg_blocks: int,
+             segments: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Per row r of a (B, H, R, C) bool mask (any strides), its True columns outside r's segment
     (full) and inside it (part), in increasing order; column c lies in row r's segment iff
-    c // seg_blocks == r // seg_blocks. Returns full count, full indices, part count, part
-    indices: counts int32 (B, H, R), indices (B, H, R, C) and (B, H, R, min(seg_blocks, C)),
-    int16 when C < 32768, else int32, zero past the count. One launch."""
+    c // seg_blocks == r // seg_blocks, or, given ``segments`` (int32 (B, R = C): each block's
+    segment id, document-relative), iff segments[b, c] == segments[b, r]. Returns full count,
+    full indices, part count, part indices: counts int32 (B, H, R), indices (B, H, R, C) and
+    (B, H, R, min(seg_blocks, C)), int16 when C < 32768, else int32, zero past the count. One
+    launch."""
     B, H, R, C = mask.shape
     idx_dtype = torch.int16 if C < 2**15 else torch.int32
     full_cnt = torch.empty(B, H, R, dtype=torch.int32, device=mask.device)
@@ -74,9 +78,11 @@ def _compact(mask: torch.Tensor, seg_blocks: int) -> tuple[torch.Tensor, ...]:
     full_idx = torch.empty(B, H, R, C, dtype=idx_dtype, device=mask.device)
     part_idx = torch.empty(B, H, R, min(seg_blocks, C), dtype=idx_dtype, device=mask.device)
     mask_u8 = mask.view(torch.uint8)
-    _compact_rows[(B * H * R,)](mask_u8, full_cnt, full_idx, part_cnt, part_idx, H, R, C,
-                                seg_blocks, part_idx.shape[-1], *mask_u8.stride(),
-                                BLOCK_C=triton.next_power_of_2(C), num_warps=row_warps(C))
+    seg_ids = mask_u8 if segments is None else segments.to(torch.int32).contiguous()
+    _compact_rows[(B * H * R,)](mask_u8, seg_ids, full_cnt, full_idx, part_cnt, part_idx, H, R,
+                                C, seg_blocks, part_idx.shape[-1], *mask_u8.stride(),
+                                BLOCK_C=triton.next_power_of_2(C), SEGMENT_IDS=segments is not None,
+                                num_warps=row_warps(C))
     return full_cnt, full_idx, part_cnt, part_idx
 
 
@@ -101,8 +107,9 @@ def _store_list(CNT, IDX, sel, cols, width):
 
 
 @triton.jit
-def _compact_rows(MASK, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, H, R, C, seg_blocks, part_width,
-                  stride_b, stride_h, stride_r, stride_c, BLOCK_C: tl.constexpr):
+def _compact_rows(MASK, SEG, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, H, R, C, seg_blocks,
+                  part_width, stride_b, stride_h, stride_r, stride_c, BLOCK_C: tl.constexpr,
+                  SEGMENT_IDS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // (H * R)
     h = (pid // R) % H
@@ -110,7 +117,11 @@ def _compact_rows(MASK, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, H, R, C, seg_blo
     cols = tl.arange(0, BLOCK_C)
     m = tl.load(MASK + b * stride_b + h * stride_h + r * stride_r + cols * stride_c,
                 mask=cols < C, other=0) != 0
-    in_segment = cols // seg_blocks == r // seg_blocks
+    if SEGMENT_IDS:  # per-block ids (documents: segments cut from each document's start)
+        seg = tl.load(SEG + b * C + cols, mask=cols < C, other=-1)
+        in_segment = seg == tl.load(SEG + b * C + r)
+    else:
+        in_segment = cols // seg_blocks == r // seg_blocks
     _store_list(FULL_CNT + pid, FULL_IDX + pid.to(tl.int64) * C, m & ~in_segment, cols, C)
     _store_list(PART_CNT + pid, PART_IDX + pid.to(tl.int64) * part_width, m & in_segment, cols,
                 part_width)

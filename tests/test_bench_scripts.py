@@ -163,3 +163,32 @@ def test_code_accuracy_seeds_merge_and_targets_by_hand():
     assert "**met**" in targets(res)  # +0.71 % loss, +1.56 % recall, density 0.25
     res["rows"][-1]["recall_512"] = 3.7  # +4.7 % recall
     assert "**missed**" in targets(res)
+
+
+def test_attention_bench_parses_and_builds_its_packed_rows_on_cpu():
+    """bench.attention runs on a GPU only; here: its arguments, the packed row's documents
+    (log-uniform lengths, block-aligned starts, filling the row) and a valid packed plan."""
+    import torch
+
+    from bench import attention
+    from kernels import pbs_plan
+    args = attention.parse_args(["--cases", "packed", "--seq-lens", "65536", "--hkv", "8",
+                                 "--packed-density", "0.2"])
+    assert args.cases == ["packed"] and args.packed_density == 0.2 and args.packed_seed == 0
+    assert attention.parse_args([]).cases == ["unpacked", "packed"]
+    N, b = 65536, 128
+    starts, ends = attention.packed_documents(N, b, device="cpu")
+    assert torch.equal(starts, attention.packed_documents(N, b, device="cpu")[0])  # fixed seed
+    lengths = (ends - starts)[0]
+    assert (starts % b == 0).all() and (starts[0, 1:] > starts[0, :-1]).all()
+    assert starts[0, 0] == 0 and ends[0, -1] <= N < starts[0, -1] + (lengths[-1] // b + 1) * b
+    assert (lengths[:-1] >= 512).all() and starts.shape[1] >= 3
+    N, b = 4096, 128
+    starts, ends = attention.packed_documents(N, b, device="cpu")
+    q, k = torch.randn(1, 2, N, 16), torch.randn(1, 1, N, 16)
+    plan = pbs_plan(q, k, b, 256, threshold=1.0, permute=False, doc_starts=starts,
+                    query_end=ends, backend="torch")
+    assert plan.density == 1.0 and plan.doc_first_block is not None
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            attention.main(["--cases", "packed"])

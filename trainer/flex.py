@@ -15,7 +15,9 @@ def flex_block_mask(plan: PBSPlan, compiled: bool = True) -> BlockMask:
     """Flex ``BlockMask`` over keys in permuted order that computes exactly ``plan``.
 
     Selected blocks of earlier segments are full (every key precedes every query); those of the
-    query's own segment are partial, masked per token on original positions. Compiled Flex walks
+    query's own segment are partial, masked per token on original positions. With packed
+    documents the segments are the plan's document-relative ones (``diagonal_segment_mask`` per
+    row) and the block mask is block-diagonal, so no document sees another. Compiled Flex walks
     the block lists, so ``mask_mod`` is only the token order there; uncompiled ``flex_attention``
     ignores the lists and applies ``mask_mod`` to all N x N pairs, so it also checks the block bit.
     """
