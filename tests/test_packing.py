@@ -130,3 +130,39 @@ def test_jsonl_packing(tmp_path, tok, kind):
     sampler = BatchSampler(ds, seed=0, micro_bs=2, grad_accum=1, world=1, rank=0)
     assert torch.equal(sampler.batch(3, 0)["input_ids"], BatchSampler(
         ds, seed=0, micro_bs=2, grad_accum=1, world=1, rank=0).batch(3, 0)["input_ids"])
+
+
+@pytest.mark.parametrize("attn", [
+    {"impl": "sdpa"},
+    {"impl": "pbs", "threshold": 0.5},
+    {"impl": "pbs", "threshold": 0.5, "dense_layers": [0]},  # dense layer on packed rows
+])
+def test_packed_documents_see_only_themselves_in_the_model(attn):
+    """A packed row through a tiny Llama: every document's hidden states equal those of the
+    document run alone (RoPE from the restarting position_ids; SDPA: the block-diagonal mask
+    transformers builds from them; PBS: the documents given to the plan)."""
+    from trainer.attention import AttentionConfig, install_attention
+    from trainer.batching import attention_kwargs
+    from trainer.model import CausalLMWithChunkedLoss, ModelConfig, architecture_config, build_model
+
+    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    acfg = AttentionConfig(block_size=32, segment_size=64, backend="torch", **attn)
+    torch.manual_seed(0)
+    lm = build_model(mcfg, acfg, architecture_config(mcfg, 50, 256))
+    install_attention(lm, acfg)
+    model = CausalLMWithChunkedLoss(lm, 1024).eval()
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(1, 50, (n,), generator=g) for n in (90, 30, 50)]  # + trailing pad
+    batch = collate([pack_row([Document(d, d) for d in docs], 256, 32, pad_id=0)])
+    with torch.no_grad():
+        packed = model.hidden_states(batch["input_ids"], batch["position_ids"],
+                                     **attention_kwargs(batch))
+        for d, s in zip(docs, batch["doc_starts"][0].tolist()):
+            padded = torch.nn.functional.pad(d, (0, -len(d) % 32))  # as in the row: pad id 0
+            alone = model.hidden_states(padded[None], torch.arange(len(padded))[None],
+                                        pbs_query_end=torch.tensor([len(d)]))
+            torch.testing.assert_close(packed[0, s:s + len(d)], alone[0, :len(d)], atol=2e-5,
+                                       rtol=1e-4)
+        mixed = model.hidden_states(batch["input_ids"])  # one sequence: documents see each other
+        assert not torch.allclose(mixed[0, 96:126], packed[0, 96:126], atol=1e-3)

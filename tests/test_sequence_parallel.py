@@ -56,6 +56,10 @@ def _assert_same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("case,overrides", [
     ("pbs", ["attention=pbs"]),
     ("sdpa", ["attention=sdpa"]),
+    # packed rows (passkey items of 110-256 tokens, several per row): the documents reach every
+    # rank whole (global offsets); a dense layer attends densely inside each document
+    ("pbs-packed", ["attention=pbs", "data.packing=true", "data.min_len=110",
+                    "attention.dense_layers=[1]"]),
     # sp > Hkv: DeepSpeed replicates the one KV head on both ranks. Each rank then permutes its
     # copy by its own query heads' importance (a finer grouping than one rank's), so the exact
     # comparison is without permutation; the block selection is per query head either way.
