@@ -346,7 +346,7 @@ def test_bad_document_arguments_raise_clear_errors():
         pbs_plan(q, k, 8, 32, doc_starts=[[0]], backend="torch")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="doc_starts is on"):
-            pbs_plan(q.cuda(), k.cuda(), 8, 32, doc_starts=torch.tensor([[0]]))
+            pbs_plan(q.cuda(), k.cuda(), 8, 32, doc_starts=torch.tensor([[0]]), backend="torch")
 
 
 def test_plan_without_documents_keeps_its_shapes():
