@@ -141,7 +141,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     bar = tqdm(total=tr.max_steps, initial=start_step, disable=job.rank != 0 or
                not cfg.logging.progress_bar, desc="train", dynamic_ncols=True)
     deadline = time.perf_counter() + 60 * tr.max_minutes if tr.max_minutes > 0 else None
-    first_eval, last, saved_step, done = {}, {}, None, start_step
+    first_eval, last, done = {}, {}, start_step
+    saved_step = start_step or None  # a resumed run's checkpoint exists already
     if job.eval_sets and start_step == 0:
         first_eval = evaluate(engine, job.eval_sets, sp, device)
         logger.log(first_eval, step=0)
@@ -268,9 +269,10 @@ def resume(engine, tr: DictConfig, rank: int, sp_size: int) -> tuple[int, int]:
     dist.broadcast_object_list(found, src=0)
     if found[0] is None:
         return 0, 0
-    state = load_checkpoint(engine, found[0], sp_size)
+    ckpt_dir, tag = found[0]
+    state = load_checkpoint(engine, ckpt_dir, tag, sp_size)
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-    log.info("resumed from %s at step %d", found[0], state["step"])
+    log.info("resumed from %s at step %d", os.path.join(ckpt_dir, tag), state["step"])
     return state["step"], state["tokens_seen"]
 
 
