@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import socket
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -22,8 +23,12 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 
 
-def init_distributed(device: str) -> torch.device:
-    """Join (or, for plain ``python -m``, create) the process group; returns this rank's device."""
+def init_distributed(device: str, timeout_min: float) -> torch.device:
+    """Join (or, for plain ``python -m``, create) the process group, whose collectives fail
+    after ``timeout_min`` minutes (``trainer.collective_timeout_min``); returns this rank's
+    device."""
+    if timeout_min <= 0:
+        raise ValueError(f"trainer.collective_timeout_min must be > 0, got {timeout_min}")
     if "WORLD_SIZE" not in os.environ:  # plain `python -m`: a group of one on a free port
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -36,8 +41,29 @@ def init_distributed(device: str) -> torch.device:
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    # A failed or timed-out NCCL collective ends the process (its watchdog names the rank and
+    # the collective) instead of hanging; the flight recorder lets gloo errors name it too.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    # DeepSpeed's CPU shared-memory comm op serves only inference all-reduce (AutoTP), never
+    # training; skip its JIT build at start-up, and with it the build lock that a run killed
+    # during the build leaves behind (later runs then wait on it forever). DeepSpeed keeps
+    # this probe in one module dict so that edits like this one persist.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                               timeout=timedelta(minutes=timeout_min))
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def set_collective_timeout(timeout_min: float) -> None:
+    """Give every process group of this rank the timeout: the groups DeepSpeed and Ulysses
+    create (ZeRO's data-parallel group among them) otherwise get torch's default (30 min on
+    gloo, 10 on NCCL), not the one the default group was created with."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    for group in list(_world.pg_map):
+        _set_pg_timeout(timedelta(minutes=timeout_min), group)
 
 
 def use_bf16(cfg: DictConfig, device: torch.device) -> bool:

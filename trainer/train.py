@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import deepspeed
@@ -30,8 +31,10 @@ from .batching import BatchSampler, attention_kwargs
 from .config import register_configs
 from .data import build_eval_dataset, build_train_dataset
 from .engine import (build_engine, deepspeed_config, export_hf, find_resume_checkpoint,
-                     init_distributed, load_checkpoint, save_checkpoint, use_bf16)
+                     init_distributed, load_checkpoint, save_checkpoint, set_collective_timeout,
+                     use_bf16)
 from .evaluation import evaluate
+from .faults import clear_stale_build_locks, collective_errors
 from .memory import MemorySnapshot, activation_offload, tile_mlps
 from .metrics import StepMeter, attention_stats, print_summary, train_metrics
 from .model import CausalLMWithChunkedLoss, architecture_config, build_model
@@ -66,9 +69,12 @@ def build_job(cfg: DictConfig) -> Job:
     """Process group, checks, tokenizer, data, model (with attention, gradient checkpointing,
     memory switches and sequence parallelism) and the DeepSpeed engine."""
     tr = cfg.trainer
-    device = init_distributed(tr.device)
+    device = init_distributed(tr.device, tr.collective_timeout_min)
     rank, world = dist.get_rank(), dist.get_world_size()
     _quiet_other_ranks(rank, world, device)
+    if int(os.environ["LOCAL_RANK"]) == 0:  # one rank per node, before any rank loads an op
+        clear_stale_build_locks()
+    dist.barrier()
     resolve_block_size(cfg.attention, device)
     random.seed(tr.seed)
     torch.manual_seed(tr.seed)
@@ -103,6 +109,7 @@ def build_job(cfg: DictConfig) -> Job:
     sp.register(lm, cfg.data.seq_len)
     engine, scheduler = build_engine(CausalLMWithChunkedLoss(lm, cfg.model.loss_chunk_tokens),
                                      cfg, ds_config, sp.mpu)
+    set_collective_timeout(tr.collective_timeout_min)  # also on the groups made since init
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder %s | %d ranks on %s (sequence parallel %d) | bf16=%s | ZeRO-%d | "
              "%.1fM params | attention=%s, blocks of %s", run_dir, world, device.type, sp.size,
@@ -336,7 +343,8 @@ def _run_id() -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
-    train(cfg)
+    with collective_errors():
+        train(cfg)
 
 
 def main() -> None:
@@ -344,14 +352,27 @@ def main() -> None:
     sys.argv = [a for a in sys.argv if not a.startswith(("--local_rank", "--local-rank"))]
     os.environ["PBS_RUN_ID"] = _run_id()
     register_configs()
-    _hydra_main()
-    if dist.is_initialized():  # clean exit on gloo (see shared environment facts)
+    try:
+        _hydra_main()
+    except BaseException as e:  # Hydra reports a failed job as SystemExit(1)
+        if not dist.is_initialized():
+            raise
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        _exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)
+        _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Flush and leave at once: interpreter teardown with a gloo group can abort (shared
+    environment facts), or wait on a peer that died."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":
