@@ -51,14 +51,14 @@ def losses(run_dir: Path, rank: int = 0) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"step (\d+) \| loss ([0-9.]+)", text)}
 
 
-def wandb_history_keys(wandb_dir: Path) -> set[str]:
-    """Keys of every history row in the offline run's ``.wandb`` file (LevelDB-log framing)."""
+def wandb_records(wandb_dir: Path) -> list:
+    """Every ``Record`` of the offline run's ``.wandb`` file (LevelDB-log framing)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     files = glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
     data = Path(files[0]).read_bytes()
-    block, pos, chunk, keys = 32768, 7, b"", set()  # 7-byte W&B header, then 32 KiB blocks
+    block, pos, chunk, records = 32768, 7, b"", []  # 7-byte W&B header, then 32 KiB blocks
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
@@ -70,12 +70,17 @@ def wandb_history_keys(wandb_dir: Path) -> set[str]:
         if kind in (1, 4):  # FULL or LAST
             rec = pb.Record()
             rec.ParseFromString(chunk)
+            records.append(rec)
             chunk = b""
-            if rec.WhichOneof("record_type") == "history":
-                keys |= {item.key or item.nested_key[0] for item in rec.history.item}
         if length == 0 and kind == 0:
             break
-    return keys
+    return records
+
+
+def wandb_history_keys(wandb_dir: Path) -> set[str]:
+    """Keys of every history row in the offline run."""
+    return {item.key or item.nested_key[0] for rec in wandb_records(wandb_dir)
+            if rec.WhichOneof("record_type") == "history" for item in rec.history.item}
 
 
 def run_dirs(output_dir: Path) -> list[Path]:

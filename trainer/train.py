@@ -373,7 +373,9 @@ def _run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(start))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: also found when another module calls main() (tests/fault_job.py).
+@hydra.main(version_base="1.3", config_name="config",
+            config_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
 def _hydra_main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     with collective_errors():
