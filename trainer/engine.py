@@ -14,6 +14,7 @@ from datetime import timedelta
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from omegaconf import DictConfig
 
@@ -49,8 +50,10 @@ def init_distributed(device: str, timeout_min: float) -> torch.device:
     # DeepSpeed's CPU shared-memory comm op serves only inference all-reduce (AutoTP), never
     # training; skip its JIT build at start-up, and with it the build lock that a run killed
     # during the build leaves behind (later runs then wait on it forever). DeepSpeed keeps
-    # this probe in one module dict so that edits like this one persist.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # its op probe in one module dict so that edits like this one persist; only accelerators
+    # with this op (CPU) read it, so others are left unprobed, as before.
+    if get_accelerator().get_op_builder("ShareMemCommBuilder") is not None:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                timeout=timedelta(minutes=timeout_min))
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
