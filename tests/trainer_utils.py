@@ -72,6 +72,7 @@ def wandb_records(wandb_dir: Path) -> list:
         if kind in (1, 4):  # FULL or LAST
             rec = pb.Record()
             rec.ParseFromString(chunk)
+            records.append(rec)
             chunk = b""
             records.append(rec)
         if length == 0 and kind == 0:

@@ -67,6 +67,8 @@ class TrainerConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     sequence_parallel_size: int = 1  # Ulysses: ranks per sequence (trainer/parallel.py)
     activation_offload: bool = False  # checkpointed layers' inputs in CPU memory until backward
+    collective_timeout_min: float = 30.0  # a collective waiting longer fails the job (all groups)
+    nonfinite: str = "stop"  # non-finite loss/gradients: "stop" (exit non-zero) | "skip" the step
 
 
 @dataclass

@@ -17,15 +17,22 @@ from .wandb_logger import flops_per_token, peak_flops, peak_memory_gb
 class StepMeter:
     """Counts what the rows held (host-side, no device sync): real (non-pad) tokens, row tokens,
     documents and rows, once per sample (only the first rank of a sequence-parallel group
-    counts). ``reduce`` sums the counts since its last call over all ranks (one all-reduce);
-    ``tokens_seen`` is the running total of real tokens, ``resumed`` included."""
+    counts), and the losses of the steps whose update was applied (on the device). ``reduce``
+    sums them since its last call over all ranks (one all-reduce); ``tokens_seen`` is the
+    running total of real tokens, ``resumed`` included."""
 
-    def __init__(self, counts_samples: bool, resumed: int):
+    def __init__(self, counts_samples: bool, resumed: int, device: torch.device):
         self.counts_samples, self.resumed = counts_samples, resumed
         self.start = time.perf_counter()
         self.steps = 0
-        self._window = [0.0] * 5  # real, row tokens, documents, rows, real * context
+        self._window = [0.0] * 6  # real, row tokens, documents, rows, real * context, losses
         self._total = 0.0  # real tokens since start-up
+        self._loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """The mean loss of a step whose update was applied (skipped steps' are left out)."""
+        self._loss += loss.detach()
+        self._window[5] += 1
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
         if not self.counts_samples:
@@ -40,15 +47,19 @@ class StepMeter:
     def reduce(self, device: torch.device) -> dict[str, float]:
         """Totals over all ranks since the last call, then reset: ``steps`` (optimizer steps),
         ``seconds``, ``real_tokens``, ``row_tokens``, ``docs``, ``rows``, ``context`` (mean
-        causal context per real token) and ``tokens_seen``."""
+        causal context per real token), ``tokens_seen`` and ``loss`` (mean over ranks and the
+        applied steps; NaN if none was applied)."""
         t = torch.tensor([*self._window, self._total], dtype=torch.float64, device=device)
+        t = torch.cat([t, self._loss.view(1)])
         dist.all_reduce(t)
-        real, row_tokens, docs, rows, weighted, total = t.tolist()
+        real, row_tokens, docs, rows, weighted, losses, total, loss = t.tolist()
         now = time.perf_counter()
         out = {"steps": self.steps, "seconds": now - self.start, "real_tokens": real,
                "row_tokens": row_tokens, "docs": docs, "rows": rows,
-               "context": weighted / max(real, 1.0), "tokens_seen": self.resumed + int(total)}
-        self.start, self.steps, self._window = now, 0, [0.0] * 5
+               "context": weighted / max(real, 1.0), "tokens_seen": self.resumed + int(total),
+               "loss": loss / losses if losses else float("nan")}
+        self.start, self.steps, self._window = now, 0, [0.0] * 6
+        self._loss.zero_()
         return out
 
     @contextlib.contextmanager

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import deepspeed
@@ -30,9 +31,12 @@ from .batching import BatchSampler, attention_kwargs
 from .config import register_configs
 from .data import build_eval_dataset, build_train_dataset
 from .engine import (build_engine, deepspeed_config, export_hf, find_resume_checkpoint,
-                     init_distributed, load_checkpoint, save_checkpoint, use_bf16)
+                     init_distributed, load_checkpoint, save_checkpoint, set_collective_timeout,
+                     use_bf16)
 from .evaluation import evaluate
 from .lm_metrics import position_buckets
+from .faults import (NONFINITE_MODES, StepGuard, StopSignals, Verdict, clear_stale_build_locks,
+                     collective_errors)
 from .memory import MemorySnapshot, activation_offload, tile_mlps
 from .metrics import StepMeter, attention_stats, print_summary, train_metrics
 from .model import CausalLMWithChunkedLoss, architecture_config, build_model
@@ -67,9 +71,12 @@ def build_job(cfg: DictConfig) -> Job:
     """Process group, checks, tokenizer, data, model (with attention, gradient checkpointing,
     memory switches and sequence parallelism) and the DeepSpeed engine."""
     tr = cfg.trainer
-    device = init_distributed(tr.device)
+    device = init_distributed(tr.device, tr.collective_timeout_min)
     rank, world = dist.get_rank(), dist.get_world_size()
     _quiet_other_ranks(rank, world, device)
+    if int(os.environ["LOCAL_RANK"]) == 0:  # one rank per node, before any rank loads an op
+        clear_stale_build_locks()
+    dist.barrier()
     resolve_block_size(cfg.attention, device)
     random.seed(tr.seed)
     torch.manual_seed(tr.seed)
@@ -104,6 +111,7 @@ def build_job(cfg: DictConfig) -> Job:
     sp.register(lm, cfg.data.seq_len)
     engine, scheduler = build_engine(CausalLMWithChunkedLoss(lm, cfg.model.loss_chunk_tokens),
                                      cfg, ds_config, sp.mpu)
+    set_collective_timeout(tr.collective_timeout_min)  # also on the groups made since init
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder %s | %d ranks on %s (sequence parallel %d) | bf16=%s | ZeRO-%d | "
              "%.1fM params | attention=%s, blocks of %s", run_dir, world, device.type, sp.size,
@@ -129,25 +137,34 @@ def forward_backward(job: Job, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build the job, train ``trainer.max_steps`` steps (or until ``trainer.max_minutes``),
-    evaluate, save, export."""
-    job = build_job(cfg)
-    tr, engine, sp, tracker, device = cfg.trainer, job.engine, job.sp, job.tracker, job.device
+    """Build the job and :func:`run` it, with SIGTERM/SIGUSR1 turned into a clean stop and the
+    W&B run finished (as failed) if training raises."""
+    with StopSignals() as signals:
+        job = build_job(cfg)
+        with WandbLogger(cfg, job.run_dir, job.rank) as logger:
+            return run(job, logger, signals)
+
+
+def run(job: Job, logger: WandbLogger, signals: StopSignals) -> dict[str, float]:
+    """Train ``trainer.max_steps`` steps, evaluate, save, export. ``trainer.max_minutes`` ends
+    training early (the final eval, save and export still run); a stop signal on any rank ends
+    it after the current step with a checkpoint and nothing else, for ``trainer.resume=auto``."""
+    cfg, tr, engine, sp, tracker, device = (job.cfg, job.cfg.trainer, job.engine, job.sp,
+                                            job.tracker, job.device)
+    start_step, tokens_seen, nonfinite_steps = resume(engine, tr, job.rank, sp.size)
     buckets = cfg.data.loss_bucket_tokens
-    start_step, tokens_seen = resume(engine, tr, job.rank, sp.size)
-    logger = WandbLogger(cfg, job.run_dir, job.rank)
     sampler = BatchSampler(job.train_ds, tr.seed, tr.micro_batch_size, tr.grad_accum,
                            sp.dp_world, sp.dp_rank)
-    meter = StepMeter(counts_samples=sp.rank == 0, resumed=tokens_seen)
+    meter = StepMeter(counts_samples=sp.rank == 0, resumed=tokens_seen, device=device)
+    guard = StepGuard(tr.nonfinite, signals, tr.max_minutes, device, logger, nonfinite_steps)
     snapshot = MemorySnapshot(cfg.logging.memory_snapshot_step, device, job.rank, job.run_dir)
     bar = tqdm(total=tr.max_steps, initial=start_step, disable=job.rank != 0 or
                not cfg.logging.progress_bar, desc="train", dynamic_ncols=True)
-    deadline = time.perf_counter() + 60 * tr.max_minutes if tr.max_minutes > 0 else None
-    first_eval, last, saved_step, done = {}, {}, None, start_step
+    first_eval, last, done, verdict = {}, {}, start_step, Verdict()
+    saved_step = start_step or None  # a resumed run's checkpoint exists already
     if job.eval_sets and start_step == 0:
         first_eval = evaluate(engine, job.eval_sets, sp, device, buckets)
         logger.log(first_eval, step=0)
-    loss = torch.zeros((), device=device)
     for step in range(start_step, tr.max_steps):
         done = step + 1
         snapshot.before_step(done)
@@ -156,42 +173,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracker.capture_plan = bool(draw)
         log_now = done % tr.log_every == 0 or done == tr.max_steps
         tracker.time_plans = log_now  # plan timing only where it is read (no syncs otherwise)
-        for micro in range(tr.grad_accum):
-            batch = sampler.batch(step, micro)
-            meter.add(batch)
-            loss += forward_backward(job, batch) / tr.grad_accum
-            grad_norm = own_grad_norm(engine) if micro == tr.grad_accum - 1 else None
-            engine.step()
-        meter.steps += 1
+        verdict, grad_norm = train_step(job, sampler, meter, guard, step)
         tracker.capture_plan = tracker.time_plans = False
         snapshot.after_step(done)
         if log_now:
-            last = log_step(job, logger, meter, loss, grad_norm, done, echo=bar.disable)
+            last = log_step(job, logger, meter, guard, grad_norm, done, echo=bar.disable)
             if draw:
                 logger.log_block_mask(tracker.last_plan, done, tracker.image_layer)
             bar.set_postfix(loss=f"{last['train/loss']:.3f}",
                             tok_s=f"{last['perf/tokens_per_sec']:.0f}",
                             density=f"{last.get('attn/density', 1.0):.2f}")
-            loss.zero_()
         bar.update(1)
         with meter.paused():
-            if tr.eval_every and done % tr.eval_every == 0 and done < tr.max_steps and job.eval_sets:
+            if (tr.eval_every and done % tr.eval_every == 0 and done < tr.max_steps
+                    and job.eval_sets and not verdict.stop):
                 logger.log(evaluate(engine, job.eval_sets, sp, device, buckets), step=done)
-            if tr.save_every and done % tr.save_every == 0:
-                save(job, meter, done)
+            if (tr.save_every and done % tr.save_every == 0) or verdict.signal:
+                save(job, meter, guard, done)
                 saved_step = done
-        if deadline is not None and done < tr.max_steps and out_of_time(deadline, device):
+        if verdict.signal:
+            log.warning("%s received: stopping at step %d of %d, checkpoint step_%08d saved; "
+                        "trainer.resume=auto continues from it", verdict.signal, done,
+                        tr.max_steps, done)
+            break
+        if verdict.late:
             log.warning("trainer.max_minutes=%g reached: stopping at step %d of %d",
                         tr.max_minutes, done, tr.max_steps)
             break
     bar.close()
+    if verdict.signal:  # no final eval or export: the requeued job does them
+        summary = {**last, "stopped_by": verdict.signal}
+        logger.finish(summary)
+        return summary
 
     final_eval = evaluate(engine, job.eval_sets, sp, device, buckets) if job.eval_sets else {}
     logger.log(final_eval, step=done)
     # The ZeRO-3 export rebuilds the weights from the final checkpoint, so it forces that save.
     export_needs_ckpt = tr.export_hf and engine.zero_optimization_stage() == 3
     if (tr.save_final or export_needs_ckpt) and saved_step != done:
-        save(job, meter, done)
+        save(job, meter, guard, done)
     if tr.export_hf:
         export_hf(engine, job.lm, job.tokenizer, os.path.join(job.run_dir, "hf"),
                   os.path.join(job.run_dir, "checkpoints"))
@@ -202,17 +222,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return summary
 
 
-def log_step(job: Job, logger: WandbLogger, meter: StepMeter, loss: torch.Tensor,
+def train_step(job: Job, sampler: BatchSampler, meter: StepMeter, guard: StepGuard,
+               step: int) -> tuple[Verdict, torch.Tensor | None]:
+    """One optimizer step over ``trainer.grad_accum`` micro-batches; the guard's verdict, the
+    same on every rank, decides whether its update is applied and whether the job stops.
+    Returns it and the gradient norm where DeepSpeed records none (else None)."""
+    tr, engine = job.cfg.trainer, job.engine
+    loss = torch.zeros((), device=job.device)
+    for micro in range(tr.grad_accum):
+        batch = sampler.batch(step, micro)
+        meter.add(batch)
+        micro_loss = forward_backward(job, batch)
+        guard.watch(micro_loss)
+        loss += micro_loss / tr.grad_accum
+        if micro < tr.grad_accum - 1:
+            engine.step()  # accumulation only: DeepSpeed updates at the last micro-batch
+    grad_norm = own_grad_norm(engine)
+    verdict = guard.decide(step + 1, grad_norm)
+    with guard.applying(engine, verdict):
+        engine.step()
+    guard.after_step(engine, job.scheduler, verdict, step + 1)
+    meter.steps += 1
+    if verdict.apply:
+        meter.add_loss(loss)
+    return verdict, grad_norm
+
+
+def log_step(job: Job, logger: WandbLogger, meter: StepMeter, guard: StepGuard,
              grad_norm: torch.Tensor | None, step: int, echo: bool) -> dict[str, float]:
     """Reduce and log the metrics of the steps since the last log step (``echo``: also as an
     INFO line, where no progress bar shows them)."""
-    dist.all_reduce(loss)
     counts = meter.reduce(job.device)
     densities, plan_ms = attention_stats(job.tracker, job.device)
     norm = float(grad_norm) if grad_norm is not None else _grad_norm(job.engine)
-    metrics = train_metrics(loss.item() / dist.get_world_size() / counts["steps"],
-                            job.scheduler.get_last_lr()[0], norm, counts, densities, plan_ms,
-                            job.device, job.lm.config)
+    metrics = train_metrics(counts["loss"], job.scheduler.get_last_lr()[0], norm, counts,
+                            densities, plan_ms, job.device, job.lm.config)
+    metrics["train/nonfinite_steps"] = guard.nonfinite_steps
     logger.log(metrics, step=step)
     log.log(logging.INFO if echo else logging.DEBUG,
             "step %d | loss %.6f | lr %.2e | %.0f tok/s | density %.3f", step,
@@ -221,13 +266,13 @@ def log_step(job: Job, logger: WandbLogger, meter: StepMeter, loss: torch.Tensor
     return metrics
 
 
-def save(job: Job, meter: StepMeter, step: int) -> None:
-    """Checkpoint ``step`` with the client state resume needs (step, tokens, every rank's RNG,
-    the sequence-parallel size)."""
+def save(job: Job, meter: StepMeter, guard: StepGuard, step: int) -> None:
+    """Checkpoint ``step`` with the client state resume needs (step, tokens, non-finite steps,
+    every rank's RNG, the sequence-parallel size)."""
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, rng_state())
     state = {"step": step, "tokens_seen": meter.tokens_seen(job.device), "rng": states,
-             "sequence_parallel_size": job.sp.size}
+             "nonfinite_steps": guard.nonfinite_steps, "sequence_parallel_size": job.sp.size}
     save_checkpoint(job.engine, os.path.join(job.run_dir, "checkpoints"), step, state,
                     job.cfg.trainer.keep_checkpoints)
 
@@ -254,6 +299,9 @@ def check_job(cfg: DictConfig, device: torch.device, model_config, world: int,
     if tr.max_minutes < 0:
         raise ValueError(f"trainer.max_minutes must be >= 0 (0: no time limit), got "
                          f"{tr.max_minutes}")
+    if tr.nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"trainer.nonfinite must be one of {', '.join(NONFINITE_MODES)}, got "
+                         f"{tr.nonfinite!r}")
     check_sequence_parallel(cfg, model_config, world, seq_lens)
 
 
@@ -264,17 +312,18 @@ def resolve_block_size(attn: DictConfig, device: torch.device) -> None:
         attn.block_size = 128 if device.type == "cuda" else 64
 
 
-def resume(engine, tr: DictConfig, rank: int, sp_size: int) -> tuple[int, int]:
-    """(step, tokens seen) of the checkpoint ``trainer.resume`` names (0, 0 for none), loaded
-    into ``engine`` with every rank's RNG state."""
+def resume(engine, tr: DictConfig, rank: int, sp_size: int) -> tuple[int, int, int]:
+    """(step, tokens seen, non-finite steps) of the checkpoint ``trainer.resume`` names (zeros
+    for none), loaded into ``engine`` with every rank's RNG state."""
     found = [find_resume_checkpoint(tr.resume, tr.output_dir) if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
     if found[0] is None:
-        return 0, 0
-    state = load_checkpoint(engine, found[0], sp_size)
+        return 0, 0, 0
+    ckpt_dir, tag = found[0]
+    state = load_checkpoint(engine, ckpt_dir, tag, sp_size)
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-    log.info("resumed from %s at step %d", found[0], state["step"])
-    return state["step"], state["tokens_seen"]
+    log.info("resumed from %s at step %d", os.path.join(ckpt_dir, tag), state["step"])
+    return state["step"], state["tokens_seen"], state.get("nonfinite_steps", 0)
 
 
 def rng_state() -> dict:
@@ -298,13 +347,6 @@ def _quiet_other_ranks(rank: int, world: int, device: torch.device) -> None:
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         log.warning("%d CPU ranks without OMP_NUM_THREADS: set OMP_NUM_THREADS=1 (or cores per "
                     "rank) to avoid thread oversubscription (~5x slower steps)", world)
-
-
-def out_of_time(deadline: float, device: torch.device) -> bool:
-    """True on every rank once any rank has passed ``deadline`` (so all ranks stop together)."""
-    late = torch.tensor(float(time.perf_counter() > deadline), device=device)
-    dist.all_reduce(late, op=dist.ReduceOp.MAX)
-    return bool(late.item())
 
 
 def _grad_norm(engine) -> float:
@@ -334,10 +376,13 @@ def _run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(start))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: also found when another module calls main() (tests/fault_job.py).
+@hydra.main(version_base="1.3", config_name="config",
+            config_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
 def _hydra_main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
-    train(cfg)
+    with collective_errors():
+        train(cfg)
 
 
 def main() -> None:
@@ -345,14 +390,27 @@ def main() -> None:
     sys.argv = [a for a in sys.argv if not a.startswith(("--local_rank", "--local-rank"))]
     os.environ["PBS_RUN_ID"] = _run_id()
     register_configs()
-    _hydra_main()
-    if dist.is_initialized():  # clean exit on gloo (see shared environment facts)
+    try:
+        _hydra_main()
+    except BaseException as e:  # Hydra reports a failed job as SystemExit(1)
+        if not dist.is_initialized():
+            raise
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        _exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)
+        _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Flush and leave at once: interpreter teardown with a gloo group can abort (shared
+    environment facts), or wait on a peer that died."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -105,12 +105,24 @@ class WandbLogger:
         self.run.log({"attn/block_mask": wandb.Image(fig)}, step=step)
         plt.close(fig)
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, exit_code: int = 0) -> None:
+        """Close the metrics file and finish the W&B run (marked failed for ``exit_code`` != 0);
+        later calls do nothing."""
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self.run is not None:
             self.run.summary.update(summary)
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+    def __enter__(self) -> WandbLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Finish the run as failed, with the error in its summary, when training raises."""
+        if exc is not None:
+            self.finish({"error": f"{exc_type.__name__}: {exc}"}, exit_code=1)
 
 
 def block_mask_figure(block_mask: torch.Tensor, key_perm: torch.Tensor, block_size: int,
