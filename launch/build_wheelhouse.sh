@@ -48,9 +48,10 @@ for p in $PLATFORMS; do PLAT_ARGS+=(--platform "$p"); done
 [[ -z ${CLEAN_BUILD:-} ]] || rm -rf build
 DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps -w "$OUT" $BUILD_HERE
 
-# 2. Resolve the full dependency set for the target (metadata only), then download what is kept.
+# 2. Resolve the full dependency set for the target (metadata only, with the liger extra for
+#    model.liger=true), then download what is kept.
 "$PY" -m pip install --quiet --dry-run --ignore-installed --report "$TMP/report.json" \
-    --target "$TMP/t" --find-links "$OUT" "${PLAT_ARGS[@]}" "$(ls "$OUT"/pbs_finetune-*.whl)"
+    --target "$TMP/t" --find-links "$OUT" "${PLAT_ARGS[@]}" "$(ls "$OUT"/pbs_finetune-*.whl)[liger]"
 SKIP_RE="^($(echo $SKIP | tr ' ' '|'))$"
 "$PY" - "$TMP/report.json" "$SKIP_RE" > "$TMP/reqs.txt" <<'PY'
 import json, re, sys

@@ -1,11 +1,12 @@
-"""The GPU evidence scripts (bench/train_throughput.py, bench/accuracy.py, bench/plots.py) run
-end to end on CPU at tiny sizes, through the real trainer subprocesses (~2 min)."""
+"""The GPU evidence scripts (bench/train_throughput.py, bench/accuracy.py, bench/plots.py,
+bench/peft_memory.py) run end to end on CPU at tiny sizes, through the real trainer subprocesses
+(~3 min)."""
 
 import json
 
 import pytest
 
-from bench import accuracy, needle_selection, plots, train_throughput
+from bench import accuracy, needle_selection, peft_memory, plots, train_throughput
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,28 @@ def test_throughput_accuracy_and_plots(tmp_path):
                        "accuracy_vs_density"])
     assert [p.name for p in made] == ["density_vs_length.png", "throughput_vs_length.png",
                                       "accuracy_vs_density.png"]
+
+
+def test_peft_memory_table(tmp_path):
+    """Full fine-tuning vs LoRA vs LoRA + Liger (on CPU Liger is skipped with a warning: the
+    run goes on with the chunked loss), merged into one JSON with the ratios and a table."""
+    out = tmp_path / "peft_memory.json"
+    common = ["--model", "tiny", "--seq-lens", "256", "--steps", "2", "--warmup", "1",
+              "--deepspeed", "deepspeed=zero0", "optim=adamw", "--sdpa-backend", "auto",
+              "--extra", "model.num_layers=1", "--runs-dir", str(tmp_path / "runs"),
+              "--out", str(out)]
+    peft_memory.main([*common, "--variants", "full_pbs", "lora_pbs"])
+    data = peft_memory.main([*common, "--variants", "lora_pbs_liger"])  # merges into the file
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert sorted(rows) == ["full_pbs", "lora_pbs", "lora_pbs_liger"]
+    assert all(r["status"] == "ok" and r["peak_mem_gb"] > 0 for r in rows.values()), rows
+    assert rows["lora_pbs"]["trainable_m"] < rows["full_pbs"]["trainable_m"]
+    assert rows["lora_pbs"]["params_m"] > rows["full_pbs"]["params_m"]  # base + the adapter
+    assert rows["lora_pbs"]["mem_vs_full"] > 0 and rows["lora_pbs_liger"]["mem_vs_no_liger"] > 0
+    assert rows["lora_pbs_liger"]["loss"] == "chunked"  # CPU: Liger skipped
+    assert not rows["lora_pbs_liger"]["liger_kernels"]
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("| seq_len |") and "lora_pbs_liger: longest ok 256" in table
 
 
 def test_memory_peak_replays_allocations_and_names_their_sites(tmp_path):

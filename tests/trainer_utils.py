@@ -21,6 +21,25 @@ TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers
         "trainer.grad_accum=1"]
 
 
+def save_base_model(path: Path, overrides: list[str], seed: int = 0) -> Path:
+    """A random-init model of the ``model.*`` ``overrides`` (e.g. ``TINY``'s) and the built-in
+    tokenizer, saved as a local HF checkpoint: the "pretrained" base ``model.path`` loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model import ModelConfig, architecture_config
+    from trainer.tokenizer import build_tokenizer
+
+    fields = {k.removeprefix("model."): type(getattr(ModelConfig, k.removeprefix("model.")))(v)
+              for k, v in (o.split("=", 1) for o in overrides if o.startswith("model."))}
+    tokenizer = build_tokenizer()
+    config = architecture_config(ModelConfig(**fields), len(tokenizer), 512)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",

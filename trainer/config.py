@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from .adapters import PeftConfig
 from .attention import AttentionConfig
 from .data import DataConfig
 from .model import ModelConfig
@@ -101,6 +102,7 @@ class JobConfig:
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
     logging: LoggingConfig = MISSING
+    peft: PeftConfig = MISSING
 
 
 def register_configs() -> None:
@@ -110,5 +112,5 @@ def register_configs() -> None:
     for group, node in (("model", ModelConfig), ("data", DataConfig),
                         ("attention", AttentionConfig), ("deepspeed", DeepSpeedConfig),
                         ("optim", OptimConfig), ("trainer", TrainerConfig),
-                        ("logging", LoggingConfig)):
+                        ("logging", LoggingConfig), ("peft", PeftConfig)):
         cs.store(group=group, name=f"{group}_schema", node=node)

@@ -17,6 +17,9 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from omegaconf import DictConfig
+from peft import PeftModel
+
+from .adapters import merged_model
 
 log = logging.getLogger("trainer")
 
@@ -296,9 +299,11 @@ def _write_atomic(path: str, text: str) -> None:
 # ---------------------------------------------------------------- HF export
 
 
-def export_hf(engine, lm, tokenizer, out_dir: str, ckpt_dir: str | None) -> None:
+def export_hf(engine, lm, tokenizer, out_dir: str, ckpt_dir: str | None,
+              adapter_dir: str) -> None:
     """``save_pretrained`` (safetensors) + tokenizer on rank 0. Under ZeRO-3 the full fp32 weights
-    are rebuilt from the just-saved checkpoint's shards (DeepSpeed's zero_to_fp32)."""
+    are rebuilt from the just-saved checkpoint's shards (DeepSpeed's zero_to_fp32). A ``peft``
+    model also saves its adapter to ``adapter_dir``; ``out_dir`` then holds the merged model."""
     rank0 = dist.get_rank() == 0
     state = None
     if engine.zero_optimization_stage() == 3:
@@ -312,6 +317,9 @@ def export_hf(engine, lm, tokenizer, out_dir: str, ckpt_dir: str | None) -> None
         if state is None:
             state = {k.removeprefix("lm."): v.detach().cpu()
                      for k, v in engine.module.state_dict().items()}
-        lm.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        if isinstance(lm, PeftModel):
+            merged_model(lm, state, adapter_dir).save_pretrained(out_dir, safe_serialization=True)
+        else:
+            lm.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     dist.barrier()

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 import os
-import types
 
 import torch
 
@@ -37,23 +36,27 @@ def activation_offload(enabled: bool, gradient_checkpointing: bool,
 def tile_mlps(model: torch.nn.Module) -> int:
     """Run every decoder MLP (gate/up/down projections) through DeepSpeed's ``TiledMLP``: the
     sequence in shards of ``hidden_size`` tokens, recomputed in backward, so the (N, intermediate)
-    activations of one layer never exist at once. Returns the number of MLPs tiled."""
+    activations of one layer never exist at once. The MLP's own forward runs on each shard (Liger's
+    SwiGLU where patched in before; LoRA layers inside); its trainable parameters (the weights, or
+    the LoRA factors) get their gradient once, after the last shard. Returns the number of MLPs
+    tiled."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    def mlp_body(mlp, x):
-        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    def tile(mlp):
+        body = mlp.forward
 
-    def tiled_forward(mlp, x):
-        shards = math.ceil(x.shape[-2] / x.shape[-1])  # equal on every rank: same lengths
-        # every parameter (adapters too): ZeRO adds each one's gradient after the last shard
-        return TiledMLP.apply(mlp_body, mlp, x, shards, list(mlp.parameters()))
+        def tiled_forward(x):
+            shards = math.ceil(x.shape[-2] / x.shape[-1])  # equal on every rank: same lengths
+            params = [p for p in mlp.parameters() if p.requires_grad]
+            return TiledMLP.apply(lambda _, shard: body(shard), mlp, x, shards, params)
+        mlp.forward = tiled_forward
 
     mlps = [m for m in model.modules()
             if all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
     if not mlps:
         raise ValueError(f"model.tiled_mlp: {type(model).__name__} has no gate/up/down MLPs")
     for m in mlps:
-        m.forward = types.MethodType(tiled_forward, m)
+        tile(m)
     return len(mlps)
 
 

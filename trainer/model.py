@@ -52,6 +52,8 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=lambda: RopeScalingConfig())
     loss_chunk_tokens: int = 4096  # tokens per chunk of the LM-head + cross-entropy
     tiled_mlp: bool = False  # DeepSpeed's TiledMLP: decoder MLPs over shards of the sequence
+    liger: bool = False  # Liger's RMSNorm/SwiGLU/RoPE + fused linear cross-entropy (CUDA)
+    adapter_path: str | None = None  # a saved LoRA adapter (<run>/adapter) to continue (peft=lora)
 
 
 def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> PretrainedConfig:
@@ -109,15 +111,18 @@ def build_model(cfg: ModelConfig, attn: AttentionConfig, config: PretrainedConfi
 
 
 class CausalLMWithChunkedLoss(torch.nn.Module):
-    """Wraps a HF causal LM: forward -> (summed token loss, labelled tokens) of this rank's
-    part of the batch, never materialising the full (N, vocab) logits (LM head + cross-entropy
-    per chunk, recomputed in backward). The caller divides (over the sequence-parallel group
-    when the sequence is sharded)."""
+    """Wraps a HF causal LM (or its ``peft`` wrapper): forward -> (summed token loss, labelled
+    tokens) of this rank's part of the batch, never materialising the full (N, vocab) logits
+    (LM head + cross-entropy per chunk, recomputed in backward; or ``fused_loss``, Liger's fused
+    linear cross-entropy, trainer/liger.py, when gradients are on). The caller divides (over the
+    sequence-parallel group when the sequence is sharded)."""
 
-    def __init__(self, lm: PreTrainedModel, chunk_tokens: int):
+    def __init__(self, lm: PreTrainedModel, chunk_tokens: int,
+                 fused_loss: torch.nn.Module | None = None):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.fused_loss = fused_loss
 
     def forward(self, input_ids: torch.Tensor, shift_labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None,
@@ -135,8 +140,12 @@ class CausalLMWithChunkedLoss(torch.nn.Module):
 
     def loss_sum(self, hidden: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the positions whose target (``shift_labels``, aligned with
-        ``hidden``) is not -100; float32."""
+        ``hidden``) is not -100; float32. Liger's fused loss reads the head's weight inside the
+        engine's forward (ZeRO-3 gathers it there); the no-grad eval keeps the chunked loss."""
         head = self.lm.get_output_embeddings()
+        if self.fused_loss is not None and torch.is_grad_enabled():
+            return self.fused_loss(head.weight, hidden.flatten(0, 1),
+                                   shift_labels.flatten()).float()
         chunk = max(1, self.chunk_tokens // hidden.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, hidden.shape[1], chunk):

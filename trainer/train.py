@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .adapters import ADAPTER_DIR, apply_peft, check_peft, trainable_summary
 from .attention import DensityTracker, install_attention, sdpa_backend_context
 from .batching import BatchSampler, attention_kwargs
 from .config import register_configs
@@ -37,6 +38,7 @@ from .evaluation import evaluate
 from .lm_metrics import position_buckets
 from .faults import (NONFINITE_MODES, StepGuard, StopSignals, Verdict, clear_stale_build_locks,
                      collective_errors)
+from .liger import apply_liger, check_liger
 from .memory import MemorySnapshot, activation_offload, tile_mlps
 from .metrics import StepMeter, attention_stats, print_summary, train_metrics
 from .model import CausalLMWithChunkedLoss, architecture_config, build_model
@@ -105,19 +107,22 @@ def build_job(cfg: DictConfig) -> Job:
         grad_ckpt = cfg.data.seq_len >= 4096
     if grad_ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = apply_peft(lm, cfg)
+    fused_loss = apply_liger(lm, cfg.model.liger, device)
     if cfg.model.tiled_mlp:
         tile_mlps(lm)
     tracker = install_attention(lm, cfg.attention)
     sp.register(lm, cfg.data.seq_len)
-    engine, scheduler = build_engine(CausalLMWithChunkedLoss(lm, cfg.model.loss_chunk_tokens),
-                                     cfg, ds_config, sp.mpu)
+    engine, scheduler = build_engine(
+        CausalLMWithChunkedLoss(lm, cfg.model.loss_chunk_tokens, fused_loss), cfg, ds_config,
+        sp.mpu)
     set_collective_timeout(tr.collective_timeout_min)  # also on the groups made since init
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder %s | %d ranks on %s (sequence parallel %d) | bf16=%s | ZeRO-%d | "
-             "%.1fM params | attention=%s, blocks of %s", run_dir, world, device.type, sp.size,
-             bf16, cfg.deepspeed.stage,
-             sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters()) / 1e6,
-             cfg.attention.impl, cfg.attention.block_size)
+             "attention=%s, blocks of %s | loss: %s | %s", run_dir, world, device.type, sp.size,
+             bf16, cfg.deepspeed.stage, cfg.attention.impl, cfg.attention.block_size,
+             "Liger fused linear cross-entropy" if fused_loss else "chunked",
+             trainable_summary(lm))
     return Job(cfg, device, rank, run_dir, tokenizer, lm, engine, scheduler, tracker, sp,
                train_ds, eval_sets, activation_offload(tr.activation_offload, grad_ckpt, device),
                zero3_scope)
@@ -214,7 +219,7 @@ def run(job: Job, logger: WandbLogger, signals: StopSignals) -> dict[str, float]
         save(job, meter, guard, done)
     if tr.export_hf:
         export_hf(engine, job.lm, job.tokenizer, os.path.join(job.run_dir, "hf"),
-                  os.path.join(job.run_dir, "checkpoints"))
+                  os.path.join(job.run_dir, "checkpoints"), os.path.join(job.run_dir, ADAPTER_DIR))
     summary = {**last, **final_eval}
     if job.rank == 0:
         print_summary(summary, first_eval, job.run_dir)
@@ -303,6 +308,8 @@ def check_job(cfg: DictConfig, device: torch.device, model_config, world: int,
         raise ValueError(f"trainer.nonfinite must be one of {', '.join(NONFINITE_MODES)}, got "
                          f"{tr.nonfinite!r}")
     check_sequence_parallel(cfg, model_config, world, seq_lens)
+    check_peft(cfg, model_config)
+    check_liger(cfg.model.liger, device)
 
 
 def resolve_block_size(attn: DictConfig, device: torch.device) -> None:
