@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 FIGURES = ("attention_map", "density_vs_length", "throughput_vs_length", "accuracy_vs_density",
-           "code_accuracy")
+           "code_accuracy", "packing_throughput")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +134,29 @@ def throughput_vs_length(args: argparse.Namespace, out: Path) -> None:
     ax.set_ylabel("training tokens/s (1 GPU)")
     ax.legend()
     ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def packing_throughput(args: argparse.Namespace, out: Path) -> None:
+    """Real tokens/s per layout and attention (bench/packing_throughput.py, 64K rows)."""
+    data = _load(args.results / "packing_throughput_64k.json")
+    rows = [r for r in data.get("rows", []) if r["status"] == "ok"]
+    if not rows:
+        raise FileNotFoundError("no rows in packing_throughput_64k.json")
+    rows.sort(key=lambda r: r["tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    colors = ["tab:gray" if r["variant"].startswith("padded") else "tab:blue" if "pbs" in
+              r["variant"] else "tab:orange" for r in rows]
+    ax.barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s'] / 1e3:.1f}K"
+                + (f" (density {r['density']:.2f})" if r.get("density") else ""), va="center")
+    ax.set_xlabel("real (non-pad) training tokens/s, 1 GPU")
+    ax.set_xlim(0, 1.35 * rows[-1]["tokens_per_s"])
+    s = data.get("settings", {})
+    ax.set_title(f"{s.get('model')}, rows of {s.get('seq_len')} tokens, documents "
+                 f"{s.get('min_len')}..{s.get('seq_len')} (log-uniform), {data.get('device')}",
+                 fontsize=8)
     _save(fig, out)
 
 
