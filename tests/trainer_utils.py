@@ -93,7 +93,6 @@ def wandb_records(wandb_dir: Path) -> list:
             rec.ParseFromString(chunk)
             records.append(rec)
             chunk = b""
-            records.append(rec)
         if length == 0 and kind == 0:
             break
     return records

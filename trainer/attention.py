@@ -11,7 +11,6 @@ tensors / CUDA events and reduced once per log step, so the train loop adds no d
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -149,12 +148,13 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     cfg, tracker = settings.cfg, settings.tracker
-    if settings.dense:  # packed rows: every causal block inside each document, no permutation
-        cfg = dataclasses.replace(cfg, threshold=1.0, permute=False, density=None)
+    # A dense layer on packed rows: every causal block inside each document, no permutation.
+    threshold, permute, density = ((1.0, False, None) if settings.dense
+                                   else (cfg.threshold, cfg.permute, cfg.density))
     documents = {} if doc_starts is None else {"doc_starts": doc_starts}
     with tracker.time_plan(query.device):
-        plan = pbs_plan(query, key, cfg.block_size, cfg.segment_size, cfg.threshold, cfg.sink,
-                        cfg.permute, density=cfg.density, scale=scaling, query_end=query_end,
+        plan = pbs_plan(query, key, cfg.block_size, cfg.segment_size, threshold, cfg.sink,
+                        permute, density=density, scale=scaling, query_end=query_end,
                         backend=cfg.backend, **documents)
     if cfg.impl == "flex":
         out = flex_plan_attention(query, key, value, plan, scaling)
