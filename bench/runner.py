@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,10 +30,10 @@ class TrainerRun:
     """Outcome of one trainer subprocess."""
 
     status: str  # "ok" | "oom" | "error" | "timeout"
+    error: str
     wall_s: float
     run_dir: str
     rows: list[dict] = field(default_factory=list)
-    error: str = ""
 
     def train_rows(self) -> list[dict]:
         return [r for r in self.rows if "train/loss" in r]
@@ -68,12 +69,20 @@ def run_trainer(overrides: list[str], output_dir: str, run_id: str,
     wall = time.perf_counter() - t0
     rows = read_metrics(run_dir / "metrics.jsonl")
     if rc == 0:
-        return TrainerRun("ok", wall, str(run_dir), rows)
-    status = "timeout" if rc is None else "error"
-    if "out of memory" in out.lower() or "OutOfMemoryError" in out:
-        status = "oom"
+        return TrainerRun("ok", "", wall, str(run_dir), rows)
     print(out[-3000:], flush=True)
-    return TrainerRun(status, wall, str(run_dir), rows, error_line(out) or status)
+    return TrainerRun(*failure(rc, out), wall, str(run_dir), rows)
+
+
+def failure(rc: int | None, output: str) -> tuple[str, str]:
+    """(status, error) of a run that did not exit 0 (``rc`` None: it ran out of time)."""
+    status = "timeout" if rc is None else "error"
+    if "out of memory" in output.lower() or "OutOfMemoryError" in output:
+        status = "oom"
+    if rc is not None and rc < 0:  # a signal ended it: its last output line explains nothing
+        return status, f"killed by {signal.Signals(-rc).name}" + (
+            " (the host's out-of-memory killer?)" if rc == -signal.SIGKILL else "")
+    return status, error_line(output) or status
 
 
 def run_trainers(jobs: list[tuple[str, list[str]]], output_dir: str, budget_s: float,

@@ -233,3 +233,17 @@ def test_packing_throughput_table(tmp_path):
     assert rows["packed_pbs"]["packing_efficiency"] > rows["padded_pbs"]["packing_efficiency"]
     assert rows["packed_pbs"]["docs_per_row"] > 1 == rows["padded_pbs"]["docs_per_row"]
     assert "| packed_pbs | ok |" in (tmp_path / "p.md").read_text()
+
+
+def test_failed_run_names_its_cause():
+    """A run killed by a signal (the host's OOM killer sends SIGKILL) says so, not the last
+    line it happened to print; a CUDA OOM is an "oom"; otherwise the exception's line."""
+    from bench.runner import failure
+
+    assert failure(-9, "  return func(*args, **kwargs)\n") == (
+        "error", "killed by SIGKILL (the host's out-of-memory killer?)")
+    assert failure(-15, "") == ("error", "killed by SIGTERM")
+    assert failure(1, "Traceback\ntorch.OutOfMemoryError: CUDA out of memory.\n")[0] == "oom"
+    assert failure(1, "Traceback\nValueError: data.seq_len must be > 0\n") == (
+        "error", "ValueError: data.seq_len must be > 0")
+    assert failure(None, "")[0] == "timeout"

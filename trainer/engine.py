@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from .adapters import merged_model
+from .memory import check_host_memory
 
 log = logging.getLogger("trainer")
 
@@ -138,6 +139,8 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, ds_config: dict, mpu=N
     """``deepspeed.initialize`` with torch AdamW (or DeepSpeed's Adam) and warmup + cosine;
     ``mpu``: the sequence-parallel groups (trainer/parallel.py), None without."""
     optim, tr = cfg.optim, cfg.trainer
+    check_host_memory(model, ds_config, dist.get_world_size(),
+                      int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay},

@@ -1,5 +1,6 @@
 """Memory for the longest contexts: DeepSpeed's activation-checkpoint offload and tiled MLP,
-and a CUDA memory snapshot of one step for analysis."""
+the host memory that ZeRO offload needs (checked before it is allocated), and a CUDA memory
+snapshot of one step for analysis."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import math
 import os
 
+import psutil
 import torch
 
 log = logging.getLogger("trainer")
@@ -58,6 +60,49 @@ def tile_mlps(model: torch.nn.Module) -> int:
     for m in mlps:
         tile(m)
     return len(mlps)
+
+
+# Host bytes per parameter that ZeRO offload keeps on the CPU: fp32 master weight, fp32 gradient
+# and Adam's two moments for every trainable parameter (optimizer offload); the 16-bit weight for
+# every parameter (parameter offload).
+OPTIMIZER_OFFLOAD_BYTES = 16
+PARAM_OFFLOAD_BYTES = 2
+
+
+def offload_host_bytes(model: torch.nn.Module, ds_config: dict, world_size: int,
+                       local_world_size: int) -> int:
+    """Host memory this node needs for ZeRO's CPU offload: each rank keeps its 1/world share
+    of the offloaded state, ``local_world_size`` ranks share the node. 0 without offload.
+    A lower bound: pinned staging buffers and the process itself come on top."""
+    zero = ds_config.get("zero_optimization", {})
+    per_param = 0
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    if "offload_optimizer" in zero:
+        per_param += OPTIMIZER_OFFLOAD_BYTES * sum(n for n, train in numel if train)
+    if "offload_param" in zero:
+        per_param += PARAM_OFFLOAD_BYTES * sum(n for n, _ in numel)
+    return per_param * local_world_size // world_size
+
+
+def check_host_memory(model: torch.nn.Module, ds_config: dict, world_size: int,
+                      local_world_size: int) -> None:
+    """Fail before DeepSpeed allocates the offloaded state if this node's available memory
+    cannot hold it (otherwise the kernel's out-of-memory killer ends the job mid-step, with
+    no message from the trainer)."""
+    need = offload_host_bytes(model, ds_config, world_size, local_world_size)
+    available = psutil.virtual_memory().available
+    if need > available:
+        gb = 1e9
+        raise MemoryError(
+            f"ZeRO offload needs about {need / gb:.0f} GB of host memory on this node "
+            f"({OPTIMIZER_OFFLOAD_BYTES} bytes per trainable parameter with "
+            f"deepspeed.offload_optimizer, {PARAM_OFFLOAD_BYTES} per parameter with "
+            f"deepspeed.offload_param, shared by {world_size} ranks, {local_world_size} on this "
+            f"node), only {available / gb:.0f} GB is available: train fewer parameters "
+            f"(peft=lora), spread the job over more nodes, or turn offload off")
+    if need:
+        log.info("ZeRO offload: about %.1f GB of host memory on this node (%.1f GB available)",
+                 need / 1e9, available / 1e9)
 
 
 class MemorySnapshot:

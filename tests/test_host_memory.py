@@ -1,0 +1,56 @@
+"""ZeRO offload's host memory: estimated from the model and the DeepSpeed config, checked
+before DeepSpeed allocates it (an 8B full fine-tuning with optimizer offload needs ~128 GB)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.trainer_utils import TINY, check, run_job
+from trainer import memory
+from trainer.memory import check_host_memory, offload_host_bytes
+
+OPTIMIZER = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+BOTH = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                              "offload_param": {"device": "cpu"}}}
+
+
+def lora_like() -> torch.nn.Module:
+    """1,000 + 10 parameters, 10 of them trainable (a frozen base and a small adapter)."""
+    model = torch.nn.Sequential(torch.nn.Linear(100, 10), torch.nn.Linear(10, 1, bias=False))
+    model[0].requires_grad_(False)
+    return model
+
+
+def test_offload_bytes_count_trainable_and_all_parameters_per_node():
+    model = lora_like()
+    assert offload_host_bytes(model, {"zero_optimization": {"stage": 3}}, 1, 1) == 0
+    assert offload_host_bytes(model, OPTIMIZER, 1, 1) == 16 * 10
+    assert offload_host_bytes(model, BOTH, 1, 1) == 16 * 10 + 2 * 1020
+    # 4 ranks share the state, 2 of them on this node: half of it here
+    assert offload_host_bytes(model, BOTH, 4, 2) == (16 * 10 + 2 * 1020) // 2
+    # ZeRO-3 partitioned parameters report their full size in ds_numel
+    model[1].weight.ds_numel = 1000
+    model[1].weight.data = torch.empty(0)
+    assert offload_host_bytes(model, OPTIMIZER, 1, 1) == 16 * 1000
+
+
+def test_too_little_host_memory_fails_before_allocation(monkeypatch):
+    model = lora_like()
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=100))
+    with pytest.raises(MemoryError, match=r"ZeRO offload needs about .* GB of host memory.*"
+                                          r"only 0 GB is available.*peft=lora"):
+        check_host_memory(model, OPTIMIZER, 1, 1)
+    check_host_memory(model, {"zero_optimization": {"stage": 2}}, 1, 1)  # no offload: no check
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**6))
+    check_host_memory(model, BOTH, 1, 1)
+
+
+def test_offload_job_logs_its_host_memory(tmp_path):
+    out = check(run_job([*TINY, "deepspeed=zero2_offload", "trainer.max_steps=2",
+                         "trainer.eval_every=0", "data.eval_samples=0", "trainer.save_final=false",
+                         "trainer.export_hf=false", f"trainer.output_dir={tmp_path}/out"],
+                        tmp_path))
+    assert "ZeRO offload: about 0.0 GB of host memory on this node" in out
