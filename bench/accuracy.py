@@ -29,40 +29,55 @@ from bench.runner import (TrainerRun, environment, load_json, markdown_table, ru
 PBS = ["attention=pbs", "attention.block_size=64", "attention.segment_size=256"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def stage_parser(doc: str, *, layers: int, hidden: int, heads: list[int], steps_a: int,
+                 steps_c: int, eval_samples: int, budget_s: float, runs_dir: str,
+                 out: str) -> argparse.ArgumentParser:
+    """The options of the stage protocol (model size, stages A-C, budget, runs) with a script's
+    defaults; each script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stage", required=True, choices=["A", "B", "C"])
-    p.add_argument("--layers", type=int, default=4, help="model layers (default 4)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"),
-                   help="query / KV heads, head_dim 64 (default 4 2)")
-    p.add_argument("--len-a", type=int, default=4096, help="stage A length (default 4096)")
-    p.add_argument("--steps-a", type=int, default=2000, help="stage A steps (default 2000)")
-    p.add_argument("--batch-a", type=int, default=8, help="stage A micro batch (default 8)")
+    p.add_argument("--layers", type=int, default=layers, help="model layers (default %(default)s)")
+    p.add_argument("--hidden", type=int, default=hidden, help="hidden size (default %(default)s)")
+    p.add_argument("--heads", type=int, nargs=2, default=heads, metavar=("HQ", "HKV"),
+                   help="query / KV heads, head_dim 64 (default %(default)s)")
+    p.add_argument("--len-a", type=int, default=4096, help="stage A length (default %(default)s)")
+    p.add_argument("--steps-a", type=int, default=steps_a,
+                   help="stage A steps (default %(default)s)")
+    p.add_argument("--batch-a", type=int, default=8, help="stage A micro batch (default %(default)s)")
     p.add_argument("--lr-a", type=float, nargs="+", default=[1e-3],
-                   help="stage A peak LR; several: one run each, the best feeds B/C (default 1e-3)")
+                   help="stage A peak LR; several: one run each, the best feeds B/C "
+                        "(default %(default)s)")
     p.add_argument("--lens-b", type=int, nargs="+", default=[4096, 16384],
-                   help="stage B lengths (default 4096 16384)")
+                   help="stage B lengths (default %(default)s)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 1.0],
-                   help="stage B thresholds (default 0.5 0.7 0.9 0.95 1.0)")
-    p.add_argument("--len-c", type=int, default=16384, help="stage C length (default 16384)")
-    p.add_argument("--steps-c", type=int, default=400, help="stage C steps (default 400)")
-    p.add_argument("--batch-c", type=int, default=2, help="stage C micro batch (default 2)")
-    p.add_argument("--lr-c", type=float, default=3e-4, help="stage C peak LR (default 3e-4)")
-    p.add_argument("--threshold-c", type=float, nargs="+", default=[0.9],
-                   help="stage C thresholds, each with and without permutation (default 0.9)")
-    p.add_argument("--eval-samples", type=int, default=64, help="passkey items per eval length")
-    p.add_argument("--budget-s", type=float, default=480,
-                   help="per stage: runs stop / are skipped past this (default 480 s)")
+                   help="stage B thresholds (default %(default)s)")
+    p.add_argument("--len-c", type=int, default=16384, help="stage C length (default %(default)s)")
+    p.add_argument("--steps-c", type=int, default=steps_c,
+                   help="stage C steps (default %(default)s)")
+    p.add_argument("--batch-c", type=int, default=2, help="stage C micro batch (default %(default)s)")
+    p.add_argument("--lr-c", type=float, default=3e-4, help="stage C peak LR (default %(default)s)")
+    p.add_argument("--eval-samples", type=int, default=eval_samples,
+                   help="eval items per length (default %(default)s)")
+    p.add_argument("--budget-s", type=float, default=budget_s,
+                   help="per stage: runs stop / are skipped past this (default %(default)s s)")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainer runs at a time, round-robin over the visible GPUs (default 1)")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
-    p.add_argument("--runs-dir", default="runs/accuracy",
-                   help="trainer output_dir (default runs/accuracy; stage A exports to <it>/A/hf)")
+    p.add_argument("--runs-dir", default=runs_dir,
+                   help="trainer output_dir (default %(default)s; stage A exports to <it>/A/hf)")
     p.add_argument("--model-path", default=None,
                    help="stage B/C checkpoint (default: stage A's best export in --out)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/accuracy.json"),
-                   help="JSON results, one key per stage (default bench/results/accuracy.json)")
+    p.add_argument("--out", type=Path, default=Path(out),
+                   help="JSON results, one key per stage (default %(default)s)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = stage_parser(__doc__, layers=4, hidden=256, heads=[4, 2], steps_a=2000, steps_c=400,
+                     eval_samples=64, budget_s=480, runs_dir="runs/accuracy",
+                     out="bench/results/accuracy.json")
+    p.add_argument("--threshold-c", type=float, nargs="+", default=[0.9],
+                   help="stage C thresholds, each with and without permutation (default 0.9)")
     return p.parse_args(argv)
 
 

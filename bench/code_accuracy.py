@@ -30,53 +30,27 @@ import argparse
 from pathlib import Path
 from statistics import mean, median
 
-from bench.accuracy import (PBS, model_overrides, pbs_variants, permutation_gain, time_limit,
-                            vars_of)
+from bench.accuracy import (PBS, model_overrides, pbs_variants, permutation_gain, stage_parser,
+                            time_limit, vars_of)
 from bench.plots import code_accuracy_figure
 from bench.runner import TrainerRun, environment, load_json, markdown_table, run_trainers, save_json
 from trainer.code_corpus import DEFAULT_PACKAGES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["A", "B", "C"])
+    p = stage_parser(__doc__, layers=6, hidden=512, heads=[8, 2], steps_a=4000, steps_c=300,
+                     eval_samples=32, budget_s=540, runs_dir="runs/code_accuracy",
+                     out="bench/results/code_accuracy.json")
     p.add_argument("--packages", nargs="+", default=[*DEFAULT_PACKAGES, "torch"],
                    help="data.packages (default: the standard-library default + torch)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="data.eval_fraction")
-    p.add_argument("--eval-samples", type=int, default=32, help="held-out rows per length")
     p.add_argument("--recall-distance", type=int, default=4096, help="data.recall_distance")
     p.add_argument("--bucket-tokens", type=int, default=1024, help="data.loss_bucket_tokens")
-    p.add_argument("--layers", type=int, default=6, help="model layers (default 6)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
-    p.add_argument("--heads", type=int, nargs=2, default=[8, 2], metavar=("HQ", "HKV"),
-                   help="query / KV heads, head_dim 64 (default 8 2: 18M parameters)")
-    p.add_argument("--len-a", type=int, default=4096, help="stage A length (default 4096)")
-    p.add_argument("--steps-a", type=int, default=4000, help="stage A steps (default 4000)")
-    p.add_argument("--batch-a", type=int, default=8, help="stage A micro batch (default 8)")
-    p.add_argument("--lr-a", type=float, nargs="+", default=[1e-3],
-                   help="stage A peak LR; several: one run each, the best feeds B/C")
-    p.add_argument("--lens-b", type=int, nargs="+", default=[4096, 16384],
-                   help="stage B lengths (default 4096 16384)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 1.0],
-                   help="stage B thresholds (default 0.5 0.7 0.9 0.95 1.0)")
-    p.add_argument("--len-c", type=int, default=16384, help="stage C length (default 16384)")
-    p.add_argument("--steps-c", type=int, default=300, help="stage C steps (default 300)")
-    p.add_argument("--batch-c", type=int, default=2, help="stage C micro batch (default 2)")
-    p.add_argument("--lr-c", type=float, default=3e-4, help="stage C peak LR (default 3e-4)")
     p.add_argument("--threshold-c", type=float, default=0.9, help="stage C threshold (0.9)")
     p.add_argument("--density-c", type=float, default=0.2, help="stage C fixed density (0.2)")
     p.add_argument("--variants-c", nargs="+", choices=["dense", "pbs_t", "pbs_d", "nopermute"],
                    default=["dense", "pbs_t", "pbs_d", "nopermute"], help="stage C variants")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="stage C seeds")
-    p.add_argument("--budget-s", type=float, default=540,
-                   help="per call: runs stop / are skipped past this (default 540 s)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="trainer runs at a time, round-robin over the visible GPUs (default 1)")
-    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
-    p.add_argument("--runs-dir", default="runs/code_accuracy", help="trainer output_dir")
-    p.add_argument("--model-path", default=None,
-                   help="stage B/C checkpoint (default: stage A's best export in --out)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/code_accuracy.json"))
     p.add_argument("--figure", type=Path, default=Path("docs/figures/code_accuracy.png"))
     return p.parse_args(argv)
 
