@@ -21,6 +21,7 @@ round-robin over the visible GPUs (a tiny model leaves most of a GPU idle).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.runner import (TrainerRun, environment, load_json, markdown_table, run_trainers,
@@ -43,7 +44,8 @@ def stage_parser(doc: str, *, layers: int, hidden: int, heads: list[int], steps_
     p.add_argument("--len-a", type=int, default=4096, help="stage A length (default %(default)s)")
     p.add_argument("--steps-a", type=int, default=steps_a,
                    help="stage A steps (default %(default)s)")
-    p.add_argument("--batch-a", type=int, default=8, help="stage A micro batch (default %(default)s)")
+    p.add_argument("--batch-a", type=int, default=8,
+                   help="stage A micro batch (default %(default)s)")
     p.add_argument("--lr-a", type=float, nargs="+", default=[1e-3],
                    help="stage A peak LR; several: one run each, the best feeds B/C "
                         "(default %(default)s)")
@@ -54,7 +56,8 @@ def stage_parser(doc: str, *, layers: int, hidden: int, heads: list[int], steps_
     p.add_argument("--len-c", type=int, default=16384, help="stage C length (default %(default)s)")
     p.add_argument("--steps-c", type=int, default=steps_c,
                    help="stage C steps (default %(default)s)")
-    p.add_argument("--batch-c", type=int, default=2, help="stage C micro batch (default %(default)s)")
+    p.add_argument("--batch-c", type=int, default=2,
+                   help="stage C micro batch (default %(default)s)")
     p.add_argument("--lr-c", type=float, default=3e-4, help="stage C peak LR (default %(default)s)")
     p.add_argument("--eval-samples", type=int, default=eval_samples,
                    help="eval items per length (default %(default)s)")
@@ -137,18 +140,25 @@ def pbs_variants(thresholds: list[float]) -> list[tuple[str, float, list[str]]]:
             for t in thresholds for permute in (True, False)]
 
 
+def stage_a_runs(args: argparse.Namespace, base: list[str], evals: int
+                 ) -> list[tuple[str, float, TrainerRun]]:
+    """Dense training on ``base`` once per ``--lr-a`` (``--jobs`` at a time), ``evals`` held-out
+    evaluations each, with an HF export: (name, lr, run)."""
+    base = [*base, "attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // evals)}",
+            "trainer.export_hf=true", time_limit(args.budget_s), *args.extra]
+    names = ["A"] if len(args.lr_a) == 1 else [f"A-lr{lr:g}" for lr in args.lr_a]
+    jobs = [(name, base + [f"optim.lr={lr}"]) for name, lr in zip(names, args.lr_a)]
+    return list(zip(names, args.lr_a, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                   args.jobs)))
+
+
 def stage_a(args: argparse.Namespace) -> dict:
     """One dense run per ``--lr-a`` (in parallel with ``--jobs``); the best one's export feeds
     stages B and C. Each run stops at ``--steps-a`` or when the budget runs short."""
     base = model_overrides(args) + common(args.len_a, [args.len_a], args.steps_a, args.batch_a,
                                           0.0, args.eval_samples)
-    base += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 4)}",
-             "trainer.export_hf=true", time_limit(args.budget_s), *args.extra]
-    names = ["A"] if len(args.lr_a) == 1 else [f"A-lr{lr:g}" for lr in args.lr_a]
-    jobs = [(name, base + [f"optim.lr={lr}"]) for name, lr in zip(names, args.lr_a)]
     rows = []
-    for name, lr, run in zip(names, args.lr_a, run_trainers(jobs, args.runs_dir, args.budget_s,
-                                                           args.jobs)):
+    for name, lr, run in stage_a_runs(args, base, evals=4):
         row = summarize(run, name, [args.len_a])
         row.update(lr=lr, export=str(Path(run.run_dir) / "hf"),
                    curve=[(r["step"], r["eval/retrieval_acc"]) for r in run.rows
@@ -160,18 +170,26 @@ def stage_a(args: argparse.Namespace) -> dict:
     return {"settings": vars_of(args), "rows": rows, "best_export": best and best["export"]}
 
 
-def stage_b(args: argparse.Namespace, model_path: str) -> dict:
+def stage_b_runs(args: argparse.Namespace, base: Callable[[int], list[str]]
+                 ) -> list[tuple[str, int, float | None, TrainerRun | None]]:
+    """Dense, and PBS at each ``--thresholds`` with and without permutation, at each
+    ``--lens-b`` on the overrides ``base(length)``: (name, length, threshold, run), the run
+    None where the budget ran out."""
     configs = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.thresholds)]
-    jobs, keys = [], []
-    for n in args.lens_b:
-        base = [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
-                "data.min_len=null", "trainer.export_hf=false"]  # density on full-length items
-        for name, t, attn in configs:
-            jobs.append((f"B-{name}-{n}", base + attn + args.extra))
-            keys.append((name, n, t))
+    keys = [(name, n, t) for n in args.lens_b for name, t, _ in configs]
+    jobs = [(f"B-{name}-{n}", base(n) + attn + args.extra)
+            for n in args.lens_b for name, _, attn in configs]
+    runs = run_trainers(jobs, args.runs_dir, args.budget_s, args.jobs)
+    return [(*key, run) for key, run in zip(keys, runs)]
+
+
+def stage_b(args: argparse.Namespace, model_path: str) -> dict:
+    def base(n: int) -> list[str]:  # density on full-length items
+        return [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
+                "data.min_len=null", "trainer.export_hf=false"]
+
     rows = []
-    for (name, n, t), run in zip(keys, run_trainers(jobs, args.runs_dir, args.budget_s,
-                                                    args.jobs)):
+    for name, n, t, run in stage_b_runs(args, base):
         if run is None:
             rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
                          "error": "budget"})

@@ -30,8 +30,8 @@ import argparse
 from pathlib import Path
 from statistics import mean, median
 
-from bench.accuracy import (PBS, model_overrides, pbs_variants, permutation_gain, stage_parser,
-                            time_limit, vars_of)
+from bench.accuracy import (PBS, model_overrides, permutation_gain, stage_a_runs,
+                            stage_b_runs, stage_parser, time_limit, vars_of)
 from bench.plots import code_accuracy_figure
 from bench.runner import TrainerRun, environment, load_json, markdown_table, run_trainers, save_json
 from trainer.code_corpus import DEFAULT_PACKAGES
@@ -96,13 +96,8 @@ def stage_a(args: argparse.Namespace) -> dict:
     """One dense run per ``--lr-a``; the export with the lowest final held-out loss feeds B, C."""
     base = model_overrides(args) + common(args, args.len_a, [args.len_a], args.steps_a,
                                           args.batch_a, 0.0)
-    base += ["attention=sdpa", f"trainer.eval_every={max(1, args.steps_a // 8)}",
-             "trainer.export_hf=true", time_limit(args.budget_s), *args.extra]
-    names = ["A"] if len(args.lr_a) == 1 else [f"A-lr{lr:g}" for lr in args.lr_a]
-    jobs = [(name, base + [f"optim.lr={lr}"]) for name, lr in zip(names, args.lr_a)]
     rows = []
-    for name, lr, run in zip(names, args.lr_a, run_trainers(jobs, args.runs_dir, args.budget_s,
-                                                           args.jobs)):
+    for name, lr, run in stage_a_runs(args, base, evals=8):
         row = summarize(run, name, [args.len_a])
         row.update(lr=lr, export=str(Path(run.run_dir) / "hf"))
         rows.append(row)
@@ -112,17 +107,12 @@ def stage_a(args: argparse.Namespace) -> dict:
 
 
 def stage_b(args: argparse.Namespace, model_path: str) -> dict:
-    configs = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.thresholds)]
-    jobs, keys = [], []
-    for n in args.lens_b:
-        base = [f"model.path={model_path}", *common(args, n, [n], 1, 1, 0.0),
+    def base(n: int) -> list[str]:
+        return [f"model.path={model_path}", *common(args, n, [n], 1, 1, 0.0),
                 "trainer.export_hf=false"]
-        for name, t, attn in configs:
-            jobs.append((f"B-{name}-{n}", base + attn + args.extra))
-            keys.append((name, n, t))
+
     rows = []
-    for (name, n, t), run in zip(keys, run_trainers(jobs, args.runs_dir, args.budget_s,
-                                                    args.jobs)):
+    for name, n, t, run in stage_b_runs(args, base):
         if run is None:
             rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
                          "error": "budget"})
