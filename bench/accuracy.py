@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from statistics import mean
 
 from bench.runner import (TrainerRun, environment, load_json, markdown_table, run_trainers,
                           save_json)
@@ -81,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      out="bench/results/accuracy.json")
     p.add_argument("--threshold-c", type=float, nargs="+", default=[0.9],
                    help="stage C thresholds, each with and without permutation (default 0.9)")
+    p.add_argument("--peft", nargs="+", choices=["none", "lora"], default=["none"],
+                   help="stage C: full fine-tuning (none) and/or LoRA (the peft=lora defaults: "
+                        "adapters plus trained embeddings and norms); default none")
+    p.add_argument("--lr-c-lora", type=float, default=1e-3,
+                   help="stage C peak LR of the LoRA runs (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="stage C seeds (data order and eval items; rows merge across calls)")
     return p.parse_args(argv)
 
 
@@ -94,10 +102,10 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def common(seq_len: int, eval_lens: list[int], steps: int, batch: int, lr: float,
-           samples: int) -> list[str]:
+           samples: int, seed: int = 0) -> list[str]:
     lens = ",".join(map(str, eval_lens))
     return ["data=passkey", f"data.seq_len={seq_len}", f"data.eval_seq_lens=[{lens}]",
-            f"data.eval_samples={samples}", f"trainer.max_steps={steps}",
+            f"data.eval_samples={samples}", f"trainer.max_steps={steps}", f"trainer.seed={seed}",
             f"trainer.micro_batch_size={batch}", "trainer.grad_accum=1",
             "trainer.gradient_checkpointing=false",
             "trainer.save_final=false", f"optim.lr={lr}", "optim.warmup_steps=" + str(
@@ -202,23 +210,51 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
 
 
 def stage_c(args: argparse.Namespace, model_path: str) -> dict:
-    """Dense, then PBS with and without permutation at each ``--threshold-c``, same steps and
-    data. Items are full length (``data.min_len=null``): PBS ranks keys by the last block of
-    queries, which right-padded short items would fill with padding."""
+    """Dense, then PBS with and without permutation at each ``--threshold-c``, each with every
+    ``--peft`` and ``--seeds``: same steps and data per seed. Items are full length
+    (``data.min_len=null``): PBS ranks keys by the last block of queries, which right-padded
+    short items would fill with padding."""
     eval_lens = sorted({args.len_a, args.len_c})
-    base = [f"model.path={model_path}", *common(args.len_c, eval_lens, args.steps_c, args.batch_c,
-                                                 args.lr_c, args.eval_samples),
-            "data.min_len=null", "trainer.eval_every=0", "trainer.export_hf=false",
-            time_limit(args.budget_s)]  # a guard only: runs are sized to finish their steps
     variants = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.threshold_c)]
-    jobs = [(f"C-{name}", base + attn + args.extra) for name, _, attn in variants]
+    tunes = {"none": [], "lora": ["peft=lora", f"optim.lr={args.lr_c_lora}"]}
+    jobs, keys = [], []
+    for seed in args.seeds:
+        base = [f"model.path={model_path}", *common(args.len_c, eval_lens, args.steps_c,
+                                                     args.batch_c, args.lr_c, args.eval_samples,
+                                                     seed),
+                "data.min_len=null", "trainer.eval_every=0", "trainer.export_hf=false",
+                time_limit(args.budget_s)]  # a guard only: runs are sized to finish their steps
+        for tune in args.peft:
+            for name, _, attn in variants:
+                suffix = ("" if tune == "none" else f"-{tune}") + f"-s{seed}"
+                jobs.append((f"C-{name}{suffix}", base + attn + tunes[tune] + args.extra))
+                keys.append((name, tune, seed))
     rows = []
-    for (name, _, _), run in zip(variants, run_trainers(jobs, args.runs_dir, args.budget_s,
-                                                        args.jobs)):
-        rows.append(summarize(run, name, eval_lens) if run is not None else
-                    {"name": name, "status": "skipped", "error": "budget"})
+    for (name, tune, seed), run in zip(keys, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                           args.jobs)):
+        row = (summarize(run, name, eval_lens) if run is not None else
+               {"name": name, "status": "skipped", "error": "budget"})
+        rows.append({**row, "peft": tune, "seed": seed})
     return {"settings": vars_of(args), "model_path": model_path, "eval_lens": eval_lens,
             "rows": rows}
+
+
+def lora_gaps(res: dict) -> str:
+    """Per attention: LoRA's retrieval accuracy at the longest eval length against full
+    fine-tuning's, means over the seeds both finished (issue 15's target: within 2 points)."""
+    n = max(res.get("eval_lens") or [0])
+    ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(f"acc_{n}") is not None]
+    lines = []
+    for name in dict.fromkeys(r["name"] for r in ok):
+        acc = {tune: {r["seed"]: r[f"acc_{n}"] for r in ok
+                      if r["name"] == name and r.get("peft", "none") == tune}
+               for tune in ("none", "lora")}
+        seeds = sorted(set(acc["none"]) & set(acc["lora"]))
+        if seeds:
+            full, lora = (mean(acc[t][s] for s in seeds) for t in ("none", "lora"))
+            lines.append(f"- {name} at {n}: LoRA {lora:.3f} vs full fine-tuning {full:.3f} "
+                         f"({100 * (lora - full):+.1f} points, seeds {seeds})")
+    return "\n".join(lines)
 
 
 def vars_of(args: argparse.Namespace) -> dict:
@@ -234,13 +270,18 @@ def table(stage: str, res: dict) -> str:
                  r.get("loss"), r.get("density"), _layers(r)] for r in rows]
         return markdown_table(header, body) + "\n\n" + permutation_gain(rows)
     lens = res.get("eval_lens") or [res["settings"]["len_a"]]
-    header = ["attention", "status", *[f"acc@{n}" for n in lens], *[f"loss@{n}" for n in lens],
-              "train loss", "density", "density per layer", "step s"]
-    body = [[r["name"], r["status"], *[r.get(f"acc_{n}") for n in lens],
-             *[r.get(f"loss_{n}") for n in lens], r.get("train_loss"), r.get("density"),
-             _layers(r), r.get("step_time_s")] for r in rows]
+    header = ["attention", "peft", "seed", "status", *[f"acc@{n}" for n in lens],
+              *[f"loss@{n}" for n in lens], "train loss", "density", "density per layer",
+              "step s"]
+    body = [[r["name"], r.get("peft", "none"), r.get("seed", 0), r["status"],
+             *[r.get(f"acc_{n}") for n in lens], *[r.get(f"loss_{n}") for n in lens],
+             r.get("train_loss"), r.get("density"), _layers(r), r.get("step_time_s")]
+            for r in rows]
     text = markdown_table(header, body)
-    return text + ("\n\n" + permutation_gain(rows) if stage == "C" else "")
+    if stage == "C":
+        text += "".join("\n\n" + part for part in (permutation_gain(rows), lora_gaps(res))
+                        if part)
+    return text
 
 
 def _layers(row: dict) -> str:
@@ -253,13 +294,21 @@ def permutation_gain(rows: list[dict]) -> str:
     for r in rows:
         if r["name"].startswith("pbs") and "nopermute" not in r["name"] and "density" in r:
             twin = next((x for x in rows if x["name"] == r["name"] + "_nopermute"
-                         and x.get("seq_len") == r.get("seq_len") and "density" in x), None)
+                         and all(x.get(k) == r.get(k) for k in ("seq_len", "peft", "seed"))
+                         and "density" in x), None)
             if twin:
                 gain = 1 - r["density"] / twin["density"]
-                lines.append(f"- {r['name']} at {r.get('seq_len', 'len_c')}: density "
+                where = r.get("seq_len") or " ".join(
+                    f"{k} {r[k]}" for k in ("peft", "seed") if k in r) or "len_c"
+                lines.append(f"- {r['name']} at {where}: density "
                              f"{r['density']:.3f} with permutation vs {twin['density']:.3f} "
                              f"without ({gain:+.1%} relative reduction)")
     return "\n".join(lines)
+
+
+def row_key(row: dict) -> tuple:
+    """What a stage B or C row measured (rows of older files: full fine-tuning, seed 0)."""
+    return row["name"], row.get("seq_len"), row.get("peft", "none"), row.get("seed", 0)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,10 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
         *(args,) if args.stage == "A" else (args, str(Path(model_path).resolve())))
     res.update(environment())
     data = load_json(args.out)
-    if args.stage == "B" and "B" in data:  # B can be split by length over several calls
-        new = {(r["name"], r["seq_len"]) for r in res["rows"]}
-        res["rows"] = [r for r in data["B"]["rows"] if (r["name"], r["seq_len"]) not in new] + \
-            res["rows"]
+    if args.stage in ("B", "C") and args.stage in data:  # both can be split over several calls
+        new = {row_key(r) for r in res["rows"]}
+        res["rows"] = [r for r in data[args.stage]["rows"] if row_key(r) not in new] + res["rows"]
     data[args.stage] = res
     save_json(args.out, data)
     md = table(args.stage, res)

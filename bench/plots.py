@@ -179,8 +179,10 @@ def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
             ax.scatter([1.0], dense, marker="*", s=80, label=f"no training, {n}, dense")
     len_c = max(acc.get("C", {}).get("eval_lens", [0]))
     for r in c:
+        tags = "".join([", LoRA" if r.get("peft") == "lora" else "",
+                        f", seed {r['seed']}" if r.get("seed") else ""])
         ax.scatter([r.get("density", 1.0)], [r.get(f"acc_{len_c}")], marker="D", s=50,
-                   label=f"fine-tuned at {len_c}, {r['name']}")
+                   label=f"fine-tuned at {len_c}, {r['name']}{tags}")
     ax.set_xlabel("density")
     ax.set_ylabel("passkey retrieval accuracy")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

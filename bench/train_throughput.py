@@ -128,7 +128,7 @@ def attention_ms(seq_len: int, hq: int, hkv: int, d: int) -> dict:
             break
         except RuntimeError as e:
             res = {"error": str(e).splitlines()[0][:200]}
-    del q, k, v
+    q = k = v = None  # free them before emptying the cache
     torch.cuda.empty_cache()
     return res
 

@@ -52,8 +52,15 @@ def test_throughput_accuracy_and_plots(tmp_path):
     c = accuracy.main(["--stage", "C", *common])
     assert [r["status"] for r in c["rows"]] == ["ok"] * 3
     assert c["rows"][1]["steps"] == 2 and c["rows"][1]["acc_512"] is not None
+    c = accuracy.main(["--stage", "C", *common, "--peft", "lora"])  # rows merge into C
+    assert [(r["name"], r["peft"], r["status"]) for r in c["rows"]] == [
+        (name, peft, "ok") for peft in ("none", "lora")
+        for name in ("dense", "pbs_t0.9", "pbs_t0.9_nopermute")]
+    gaps = accuracy.lora_gaps(c).splitlines()
+    assert len(gaps) == 3 and gaps[0].startswith("- dense at 512: LoRA ")
+    assert "LoRA" in (results / "accuracy_C.md").read_text()
     saved = json.loads((results / "accuracy.json").read_text())
-    assert set(saved) == {"A", "B", "C"}
+    assert set(saved) == {"A", "B", "C"} and len(saved["C"]["rows"]) == 6
 
     made = plots.main(["--results", str(results), "--figures", str(tmp_path / "fig"),
                        "--only", "density_vs_length", "throughput_vs_length",
