@@ -142,14 +142,15 @@ def test_pbs_in_llama_matches_sdpa_at_threshold_one(family):
 
 
 def test_row_lengths_reach_the_pbs_plan(monkeypatch):
-    """The trainer's per-row lengths (right padding) reach every PBS layer's plan as
-    ``query_end``, also in the gradient-checkpointing recompute."""
+    """The trainer's per-row lengths (right padding) reach every PBS layer's plan, also in the
+    gradient-checkpointing recompute: as one document per row (the same layout tensors for every
+    call) where N is a multiple of the block size, else as ``query_end``."""
     import trainer.attention as attention_module
 
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["query_end"])
+        seen.append((kwargs.get("doc_starts"), kwargs["query_end"]))
         return pbs_plan(*args, **kwargs)
 
     monkeypatch.setattr(attention_module, "pbs_plan", spy)
@@ -160,11 +161,52 @@ def test_row_lengths_reach_the_pbs_plan(monkeypatch):
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     install_attention(lm, attn)
     model = CausalLMWithChunkedLoss(lm, 1024).train()
-    ids = torch.randint(0, 50, (2, 256))
+    for n in (256, 250):
+        seen.clear()
+        ids = torch.randint(0, 50, (2, n))
+        lengths = torch.tensor([n, 100])
+        loss_sum, _ = model(ids, ids, pbs_query_end=lengths)
+        loss_sum.backward()
+        assert len(seen) == 4  # 2 layers x (forward, recompute)
+        if n % 32 == 0:
+            starts, ends = seen[0]
+            assert torch.equal(starts, torch.zeros(2, 1, dtype=torch.long))
+            assert torch.equal(ends, lengths[:, None])
+            assert all(s is starts and e is ends for s, e in seen)
+        else:
+            assert all(s is None and torch.equal(e, lengths) for s, e in seen)
+
+
+def test_padded_rows_compute_no_padding_block(monkeypatch):
+    """Each right-padded row is planned as one document: its real tokens' hidden states equal
+    those of the row cut to its length (padded to a block), and no block of its padding is
+    computed (rows nor columns of the block mask)."""
+    import trainer.attention as attention_module
+
+    plans = []
+
+    def spy(*args, **kwargs):
+        plans.append(pbs_plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(attention_module, "pbs_plan", spy)
+    mcfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    attn = AttentionConfig(block_size=32, segment_size=64, backend="torch", threshold=0.8)
+    lm = _build(mcfg, attn, 50, 256)
+    install_attention(lm, attn)
+    model = CausalLMWithChunkedLoss(lm, 1024).eval()
+    ids = torch.randint(1, 50, (2, 256))
     lengths = torch.tensor([256, 100])
-    loss_sum, _ = model(ids, ids, pbs_query_end=lengths)
-    loss_sum.backward()
-    assert len(seen) == 4 and all(torch.equal(x, lengths) for x in seen)  # 2 layers x (fwd, recompute)
+    with torch.no_grad():
+        hidden = model.hidden_states(ids, torch.arange(256).expand(2, -1),
+                                     pbs_query_end=lengths)
+        alone = model.hidden_states(ids[1:, :128], torch.arange(128)[None],
+                                    pbs_query_end=lengths[1:])
+    torch.testing.assert_close(hidden[1, :100], alone[0, :100], atol=2e-5, rtol=1e-5)
+    for plan in plans[:2]:  # the padded batch's two layers
+        mask = plan.block_mask[1]  # (Hkv, query blocks, key blocks); tokens 100.. are padding
+        assert mask[:, :4, :4].any() and not mask[:, 4:].any() and not mask[:, :, 4:].any()
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: Triton (interpreter) planning

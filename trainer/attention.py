@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -135,9 +136,11 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     Causal over the whole row unless the model's kwargs carry documents: transformers passes no
     mask to a custom implementation. ``pbs_query_end`` (int (B,)): real lengths of right-padded
-    rows, so keys are ranked by the last real queries; with ``pbs_doc_starts`` (int (B, M),
-    packed rows) it is (B, M), the real end of each document, and attention stays inside
-    documents (``kernels.pbs_plan``). Both hold GLOBAL token offsets under sequence parallelism.
+    rows, each planned as one document (no block of the padding computed) where N is a multiple
+    of the block size, else as ``kernels.pbs_plan``'s ``query_end`` (keys ranked by the last
+    real queries); with ``pbs_doc_starts`` (int (B, M), packed rows) it is (B, M), the real end
+    of each document, and attention stays inside documents (``kernels.pbs_plan``). Both hold
+    GLOBAL token offsets under sequence parallelism. Dense layers keep SDPA on padded rows.
     """
     query_end = kwargs.pop("pbs_query_end", None)
     doc_starts = kwargs.pop("pbs_doc_starts", None)
@@ -148,6 +151,8 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     cfg, tracker = settings.cfg, settings.tracker
+    if doc_starts is None and query_end is not None and query.shape[2] % cfg.block_size == 0:
+        doc_starts, query_end = padded_rows_as_documents(query_end)
     # A dense layer on packed rows: every causal block inside each document, no permutation.
     threshold, permute, density = ((1.0, False, None) if settings.dense
                                    else (cfg.threshold, cfg.permute, cfg.density))
@@ -166,6 +171,22 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 
 AttentionInterface.register("pbs", pbs_attention_forward)
+
+# The layout of the last padded batch: (weakref to its query_end, version, (doc_starts, ends)).
+_PADDED_LAYOUT: list = [None]
+
+
+def padded_rows_as_documents(query_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows as one document each, ``(doc_starts, ends)`` of shape (B, 1): the
+    kernels then skip every block of the padding and plan the real tokens' last segment as the
+    document's (incomplete) tail. The same tensors for every layer of a batch, so the kernels
+    check the layout once per batch."""
+    hit = _PADDED_LAYOUT[0]
+    if hit is not None and hit[0]() is query_end and hit[1] == query_end._version:
+        return hit[2]
+    layout = (torch.zeros_like(query_end)[:, None], query_end[:, None])
+    _PADDED_LAYOUT[0] = (weakref.ref(query_end), query_end._version, layout)
+    return layout
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
