@@ -178,17 +178,29 @@ def stage_a(args: argparse.Namespace) -> dict:
     return {"settings": vars_of(args), "rows": rows, "best_export": best and best["export"]}
 
 
-def stage_b_runs(args: argparse.Namespace, base: Callable[[int], list[str]]
-                 ) -> list[tuple[str, int, float | None, TrainerRun | None]]:
+def stage_b_rows(args: argparse.Namespace, base: Callable[[int], list[str]],
+                 summarize: Callable[[TrainerRun, str, list[int]], dict],
+                 metrics: tuple[str, ...]) -> list[dict]:
     """Dense, and PBS at each ``--thresholds`` with and without permutation, at each
-    ``--lens-b`` on the overrides ``base(length)``: (name, length, threshold, run), the run
-    None where the budget ran out."""
+    ``--lens-b`` on the overrides ``base(length)``: a row per run, ``summarize(run, name,
+    [length])`` with each of ``metrics`` at that length under its bare name (a skipped row where
+    the budget ran out)."""
     configs = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.thresholds)]
     keys = [(name, n, t) for n in args.lens_b for name, t, _ in configs]
     jobs = [(f"B-{name}-{n}", base(n) + attn + args.extra)
             for n in args.lens_b for name, _, attn in configs]
-    runs = run_trainers(jobs, args.runs_dir, args.budget_s, args.jobs)
-    return [(*key, run) for key, run in zip(keys, runs)]
+    rows = []
+    for (name, n, t), run in zip(keys, run_trainers(jobs, args.runs_dir, args.budget_s,
+                                                    args.jobs)):
+        if run is None:
+            rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
+                         "error": "budget"})
+            continue
+        row = summarize(run, name, [n])
+        row.update(seq_len=n, threshold=t, permute="nopermute" not in name,
+                   **{m: row.pop(f"{m}_{n}") for m in metrics})
+        rows.append(row)
+    return rows
 
 
 def stage_b(args: argparse.Namespace, model_path: str) -> dict:
@@ -196,16 +208,7 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
         return [f"model.path={model_path}", *common(n, [n], 1, 1, 0.0, args.eval_samples),
                 "data.min_len=null", "trainer.export_hf=false"]
 
-    rows = []
-    for name, n, t, run in stage_b_runs(args, base):
-        if run is None:
-            rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
-                         "error": "budget"})
-            continue
-        row = summarize(run, name, [n])
-        row.update(seq_len=n, threshold=t, permute="nopermute" not in name,
-                   acc=row.pop(f"acc_{n}"), loss=row.pop(f"loss_{n}"))
-        rows.append(row)
+    rows = stage_b_rows(args, base, summarize, ("acc", "loss"))
     return {"settings": vars_of(args), "model_path": model_path, "rows": rows}
 
 
@@ -246,8 +249,8 @@ def lora_gaps(res: dict) -> str:
     ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(f"acc_{n}") is not None]
     lines = []
     for name in dict.fromkeys(r["name"] for r in ok):
-        acc = {tune: {r["seed"]: r[f"acc_{n}"] for r in ok
-                      if r["name"] == name and r.get("peft", "none") == tune}
+        acc = {tune: {row_key(r)[3]: r[f"acc_{n}"] for r in ok
+                      if r["name"] == name and row_key(r)[2] == tune}
                for tune in ("none", "lora")}
         seeds = sorted(set(acc["none"]) & set(acc["lora"]))
         if seeds:
@@ -294,8 +297,7 @@ def permutation_gain(rows: list[dict]) -> str:
     for r in rows:
         if r["name"].startswith("pbs") and "nopermute" not in r["name"] and "density" in r:
             twin = next((x for x in rows if x["name"] == r["name"] + "_nopermute"
-                         and all(x.get(k) == r.get(k) for k in ("seq_len", "peft", "seed"))
-                         and "density" in x), None)
+                         and row_key(x)[1:] == row_key(r)[1:] and "density" in x), None)
             if twin:
                 gain = 1 - r["density"] / twin["density"]
                 where = r.get("seq_len") or " ".join(

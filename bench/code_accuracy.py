@@ -31,7 +31,7 @@ from pathlib import Path
 from statistics import mean, median
 
 from bench.accuracy import (PBS, model_overrides, permutation_gain, stage_a_runs,
-                            stage_b_runs, stage_parser, time_limit, vars_of)
+                            stage_b_rows, stage_parser, time_limit, vars_of)
 from bench.plots import code_accuracy_figure
 from bench.runner import TrainerRun, environment, load_json, markdown_table, run_trainers, save_json
 from trainer.code_corpus import DEFAULT_PACKAGES
@@ -111,17 +111,7 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
         return [f"model.path={model_path}", *common(args, n, [n], 1, 1, 0.0),
                 "trainer.export_hf=false"]
 
-    rows = []
-    for name, n, t, run in stage_b_runs(args, base):
-        if run is None:
-            rows.append({"name": name, "seq_len": n, "threshold": t, "status": "skipped",
-                         "error": "budget"})
-            continue
-        row = summarize(run, name, [n])
-        row.update(seq_len=n, threshold=t, permute="nopermute" not in name,
-                   loss=row.pop(f"loss_{n}"), recall=row.pop(f"recall_{n}"),
-                   recall_tokens=row.pop(f"recall_tokens_{n}"))
-        rows.append(row)
+    rows = stage_b_rows(args, base, summarize, ("loss", "recall", "recall_tokens"))
     return {"settings": vars_of(args), "model_path": model_path, "rows": rows}
 
 

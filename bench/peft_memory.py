@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.runner import (TrainerRun, environment, load_json, markdown_table, median_of,
-                          run_trainers, save_json)
+                          run_trainers, write_results)
 
 ATTENTION = {"dense": ["attention=sdpa"],
              "pbs": ["attention=pbs", "attention.block_size=128", "attention.segment_size=256",
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_ratios(data["rows"])
     md = table(data)
     data["notes"] = longest(data["rows"])
-    save_json(args.out, data)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    print(f"\n{data['device']} | commit {data['commit']}\n{md}")
+    write_results(args.out, data, md)
     return data
 
 

@@ -22,6 +22,8 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .model import param_numel
+
 log = logging.getLogger("trainer")
 
 ADAPTER_DIR = "adapter"  # <run>/adapter: the adapter export beside <run>/hf (the merged model)
@@ -119,16 +121,13 @@ def apply_peft(lm: PreTrainedModel, cfg: DictConfig) -> PreTrainedModel:
 def trainable_summary(model: torch.nn.Module) -> str:
     """How many parameters train, of how many, and which: the model's own parameters (peft's
     frozen originals of the modules it trains in full are not counted twice)."""
-    def size(p):
-        return getattr(p, "ds_numel", p.numel())
-
     named = [(n, p) for n, p in model.named_parameters() if ".original_module." not in n]
-    total = sum(size(p) for _, p in named)
-    trainable = sum(size(p) for _, p in named if p.requires_grad)
+    total = sum(param_numel(p) for _, p in named)
+    trainable = sum(param_numel(p) for _, p in named if p.requires_grad)
     what = "full fine-tuning"
     if isinstance(model, peft.PeftModel):
         config = model.peft_config["default"]
-        lora = sum(size(p) for n, p in named if p.requires_grad and ".lora_" in n)
+        lora = sum(param_numel(p) for n, p in named if p.requires_grad and ".lora_" in n)
         targets = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
         extra = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()

@@ -12,6 +12,8 @@ import os
 import psutil
 import torch
 
+from .model import param_numel
+
 log = logging.getLogger("trainer")
 
 
@@ -76,7 +78,7 @@ def offload_host_bytes(model: torch.nn.Module, ds_config: dict, world_size: int,
     A lower bound: pinned staging buffers and the process itself come on top."""
     zero = ds_config.get("zero_optimization", {})
     per_param = 0
-    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    numel = [(param_numel(p), p.requires_grad) for p in model.parameters()]
     if "offload_optimizer" in zero:
         per_param += OPTIMIZER_OFFLOAD_BYTES * sum(n for n, train in numel if train)
     if "offload_param" in zero:

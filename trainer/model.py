@@ -56,6 +56,11 @@ class ModelConfig:
     adapter_path: str | None = None  # a saved LoRA adapter (<run>/adapter) to continue (peft=lora)
 
 
+def param_numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full size, also when ZeRO-3 has partitioned it (``ds_numel``)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def architecture_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> PretrainedConfig:
     """HF config of the model to train, with ``rope_scaling`` and context overrides applied."""
     if cfg.path is not None:
