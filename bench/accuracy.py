@@ -5,9 +5,10 @@ Stage A: train a small Llama (GQA, head_dim 64) densely on passkey retrieval at 
 Stage B: evaluate that export, no training, with dense SDPA and PBS at each ``--thresholds``
          (with and without permutation) at every ``--lens-b``: retrieval accuracy, eval loss,
          density per layer (from one optimizer step at lr 0, which leaves the weights unchanged).
-Stage C: continue training the export at ``--len-c`` with dense vs PBS vs PBS ``permute=false``
-         at each ``--threshold-c`` (same steps, data and seed; full-length items): retrieval
-         accuracy, eval loss, density per layer.
+Stage C: continue training the export at ``--len-c`` with dense vs PBS with and/or without
+         permutation (``--permute-c``) at each ``--threshold-c``, fully or with LoRA (``--peft``),
+         per ``--seeds`` (same steps and data per seed; full-length items): retrieval accuracy
+         (and its curve with ``--extra trainer.eval_every=K``), eval loss, density per layer.
 
     python3 -m bench.accuracy --stage A
     python3 -m bench.accuracy --stage B          # reads stage A's best export (or --model-path)
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage C peak LR of the LoRA runs (default %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="stage C seeds (data order and eval items; rows merge across calls)")
+    p.add_argument("--permute-c", nargs="+", choices=["on", "off"], default=["on", "off"],
+                   help="stage C PBS runs with permutation (on) and/or without (off); default both")
     return p.parse_args(argv)
 
 
@@ -141,11 +144,12 @@ def time_limit(budget_s: float) -> str:
     return f"trainer.max_minutes={max(0.5, (budget_s - 120) / 60):.2f}"
 
 
-def pbs_variants(thresholds: list[float]) -> list[tuple[str, float, list[str]]]:
-    """(name, threshold, overrides) of PBS with and without permutation at each threshold."""
+def pbs_variants(thresholds: list[float], permutes: tuple[bool, ...] = (True, False)
+                 ) -> list[tuple[str, float, list[str]]]:
+    """(name, threshold, overrides) of PBS with each of ``permutes`` at each threshold."""
     return [(f"pbs_t{t}" + ("" if permute else "_nopermute"), t,
              PBS + [f"attention.threshold={t}", f"attention.permute={permute}"])
-            for t in thresholds for permute in (True, False)]
+            for t in thresholds for permute in permutes]
 
 
 def stage_a_runs(args: argparse.Namespace, base: list[str], evals: int
@@ -213,12 +217,13 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
 
 
 def stage_c(args: argparse.Namespace, model_path: str) -> dict:
-    """Dense, then PBS with and without permutation at each ``--threshold-c``, each with every
-    ``--peft`` and ``--seeds``: same steps and data per seed. Items are full length
+    """Dense, then PBS with and/or without permutation (``--permute-c``) at each
+    ``--threshold-c``, each with every ``--peft`` and ``--seeds``: same steps and data per seed. Items are full length
     (``data.min_len=null``): PBS ranks keys by the last block of queries, which right-padded
     short items would fill with padding."""
     eval_lens = sorted({args.len_a, args.len_c})
-    variants = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.threshold_c)]
+    permutes = tuple(p == "on" for p in dict.fromkeys(args.permute_c))
+    variants = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.threshold_c, permutes)]
     tunes = {"none": [], "lora": ["peft=lora", f"optim.lr={args.lr_c_lora}"]}
     jobs, keys = [], []
     for seed in args.seeds:
@@ -237,6 +242,9 @@ def stage_c(args: argparse.Namespace, model_path: str) -> dict:
                                                            args.jobs)):
         row = (summarize(run, name, eval_lens) if run is not None else
                {"name": name, "status": "skipped", "error": "budget"})
+        if run is not None:  # retrieval at the longest length per eval (``trainer.eval_every``)
+            key = f"eval/retrieval_acc/len_{eval_lens[-1]:05d}"
+            row["curve"] = [(r["step"], r[key]) for r in run.rows if key in r]
         rows.append({**row, "peft": tune, "seed": seed})
     return {"settings": vars_of(args), "model_path": model_path, "eval_lens": eval_lens,
             "rows": rows}

@@ -52,15 +52,17 @@ def test_throughput_accuracy_and_plots(tmp_path):
     c = accuracy.main(["--stage", "C", *common])
     assert [r["status"] for r in c["rows"]] == ["ok"] * 3
     assert c["rows"][1]["steps"] == 2 and c["rows"][1]["acc_512"] is not None
-    c = accuracy.main(["--stage", "C", *common, "--peft", "lora"])  # rows merge into C
+    c = accuracy.main(["--stage", "C", *common, "--peft", "lora", "--permute-c", "on",
+                       "--extra", "trainer.eval_every=1"])  # rows merge into C
     assert [(r["name"], r["peft"], r["status"]) for r in c["rows"]] == [
-        (name, peft, "ok") for peft in ("none", "lora")
-        for name in ("dense", "pbs_t0.9", "pbs_t0.9_nopermute")]
+        ("dense", "none", "ok"), ("pbs_t0.9", "none", "ok"), ("pbs_t0.9_nopermute", "none", "ok"),
+        ("dense", "lora", "ok"), ("pbs_t0.9", "lora", "ok")]
+    assert [step for step, _ in c["rows"][-1]["curve"]] == [0, 1, 2]
     gaps = accuracy.lora_gaps(c).splitlines()
-    assert len(gaps) == 3 and gaps[0].startswith("- dense at 512: LoRA ")
+    assert len(gaps) == 2 and gaps[0].startswith("- dense at 512: LoRA ")
     assert "LoRA" in (results / "accuracy_C.md").read_text()
     saved = json.loads((results / "accuracy.json").read_text())
-    assert set(saved) == {"A", "B", "C"} and len(saved["C"]["rows"]) == 6
+    assert set(saved) == {"A", "B", "C"} and len(saved["C"]["rows"]) == 5
 
     made = plots.main(["--results", str(results), "--figures", str(tmp_path / "fig"),
                        "--only", "density_vs_length", "throughput_vs_length",

@@ -10,17 +10,15 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kernels import block_sparse_attention, pbs_attention
 from tests.attention_checks import random_qkv
-from tests.trainer_utils import (ROOT, TINY, check, losses, run_dirs, run_job,
+from tests.trainer_utils import (TINY, check, compose_config, losses, run_dirs, run_job,
                                  wandb_history_keys)
 from kernels import pbs_plan
 from trainer.attention import AttentionConfig, install_attention
 from trainer.flex import flex_plan_attention
-from trainer.config import register_configs
 from trainer.model import CausalLMWithChunkedLoss, ModelConfig, architecture_config, build_model
 
 
@@ -28,33 +26,27 @@ def _build(mcfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_len: i
     return build_model(mcfg, attn, architecture_config(mcfg, vocab_size, max_len))
 
 
-def _compose(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 # ---------------------------------------------------------------- config
 
 
 def test_default_config_and_overrides():
-    cfg = _compose(["deepspeed=zero3_offload", "attention.threshold=0.5", "data.seq_len=4096",
+    cfg = compose_config(["deepspeed=zero3_offload", "attention.threshold=0.5", "data.seq_len=4096",
                     "model=llama3_8b", "attention.dense_layers=[0,1]", "trainer.max_steps=7"])
     assert cfg.deepspeed.stage == 3 and cfg.deepspeed.offload_param
     assert cfg.attention.threshold == 0.5 and list(cfg.attention.dense_layers) == [0, 1]
     assert cfg.data.seq_len == 4096 and cfg.model.num_layers == 32 and cfg.trainer.max_steps == 7
-    default = _compose([])
+    default = compose_config([])
     assert default.model.num_layers == 2 and default.attention.impl == "pbs"
     assert default.data.name == "passkey" and default.deepspeed.stage == 0
     for group, option in (("deepspeed", "zero1"), ("deepspeed", "zero2_offload"),
                           ("attention", "sdpa"), ("model", "qwen2_5_7b"),
                           ("model", "llama3_1b"), ("optim", "cpu_adam")):
-        assert _compose([f"{group}={option}"])[group] is not None
+        assert compose_config([f"{group}={option}"])[group] is not None
 
 
 def _composition_error(overrides: list[str]) -> str:
     with pytest.raises(Exception) as err:
-        _compose(overrides)
+        compose_config(overrides)
     return f"{err.value} {err.value.__cause__}"
 
 

@@ -21,6 +21,17 @@ TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers
         "trainer.grad_accum=1"]
 
 
+def compose_config(overrides: list[str]):
+    """The job's config from ``conf/`` with Hydra command-line ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def save_base_model(path: Path, overrides: list[str], seed: int = 0) -> Path:
     """A random-init model of the ``model.*`` ``overrides`` (e.g. ``TINY``'s) and the built-in
     tokenizer, saved as a local HF checkpoint: the "pretrained" base ``model.path`` loads."""

@@ -23,6 +23,9 @@ class DeepSpeedConfig:
 
     stage: int = 0
     offload_optimizer: bool = False  # ZeRO-2/3: optimizer state (and step) on CPU
+    # ZeRO-3 with optim=cpu_adam: share of the optimizer state offloaded, the rest stays and steps
+    # on the GPU (DeepSpeed's partial offload, Twin-Flow; rounded to whole sub-groups of 1e9)
+    offload_optimizer_ratio: float = 1.0
     offload_param: bool = False  # ZeRO-3: parameters on CPU
     bf16: str = "auto"  # "auto" (bf16 on GPUs that support it, fp32 on CPU) | "true" | "false"
     overlap_comm: bool = True

@@ -91,6 +91,13 @@ def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
         raise ValueError("deepspeed.offload_param needs stage 3")
     if ds.offload_optimizer and ds.stage < 2:
         raise ValueError("deepspeed.offload_optimizer needs stage 2 or 3")
+    partial = ds.offload_optimizer_ratio != 1.0
+    if not 0.0 <= ds.offload_optimizer_ratio <= 1.0:
+        raise ValueError(f"deepspeed.offload_optimizer_ratio must be in [0, 1], got "
+                         f"{ds.offload_optimizer_ratio}")
+    if partial and not (ds.stage == 3 and ds.offload_optimizer and optim.name == "cpu_adam"):
+        raise ValueError("deepspeed.offload_optimizer_ratio < 1 (partial offload) needs stage 3, "
+                         "deepspeed.offload_optimizer=true and optim=cpu_adam")
     zero: dict = {"stage": ds.stage}
     if ds.stage >= 2:
         zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
@@ -101,6 +108,8 @@ def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
                     stage3_gather_16bit_weights_on_model_save=True)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if partial:
+            zero["offload_optimizer"]["ratio"] = ds.offload_optimizer_ratio
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {

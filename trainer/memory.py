@@ -69,6 +69,16 @@ def tile_mlps(model: torch.nn.Module) -> int:
 # every parameter (parameter offload).
 OPTIMIZER_OFFLOAD_BYTES = 16
 PARAM_OFFLOAD_BYTES = 2
+SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3's default sub_group_size: partial offload's unit
+
+
+def offloaded_share(numel: int, ratio: float) -> float:
+    """The share of ``numel`` optimizer parameters that ZeRO-3's partial offload keeps on the CPU:
+    DeepSpeed keeps the first ``int((1 - ratio) * n)`` of its ``n`` sub-groups on the GPU."""
+    if ratio >= 1.0:
+        return 1.0
+    n = max(1, math.ceil(numel / SUB_GROUP_SIZE))
+    return (n - int((1 - ratio) * n)) / n
 
 
 def offload_host_bytes(model: torch.nn.Module, ds_config: dict, world_size: int,
@@ -80,7 +90,10 @@ def offload_host_bytes(model: torch.nn.Module, ds_config: dict, world_size: int,
     per_param = 0
     numel = [(param_numel(p), p.requires_grad) for p in model.parameters()]
     if "offload_optimizer" in zero:
-        per_param += OPTIMIZER_OFFLOAD_BYTES * sum(n for n, train in numel if train)
+        trained = sum(n for n, train in numel if train)
+        ratio = zero["offload_optimizer"].get("ratio", 1.0)
+        per_param += round(OPTIMIZER_OFFLOAD_BYTES * trained
+                           * offloaded_share(trained // world_size, ratio))
     if "offload_param" in zero:
         per_param += PARAM_OFFLOAD_BYTES * sum(n for n, _ in numel)
     return per_param * local_world_size // world_size
@@ -101,7 +114,9 @@ def check_host_memory(model: torch.nn.Module, ds_config: dict, world_size: int,
             f"deepspeed.offload_optimizer, {PARAM_OFFLOAD_BYTES} per parameter with "
             f"deepspeed.offload_param, shared by {world_size} ranks, {local_world_size} on this "
             f"node), only {available / gb:.0f} GB is available: train fewer parameters "
-            f"(peft=lora), spread the job over more nodes, or turn offload off")
+            f"(peft=lora), keep part of the optimizer on the GPU (ZeRO-3: "
+            f"deepspeed.offload_optimizer_ratio < 1), spread the job over more nodes, or turn "
+            f"offload off")
     if need:
         log.info("ZeRO offload: about %.1f GB of host memory on this node (%.1f GB available)",
                  need / 1e9, available / 1e9)
