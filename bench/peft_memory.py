@@ -18,7 +18,9 @@ fine-tuning run keeps ~130 GB of fp32 weights, gradients and Adam state in host 
 
 Results are merged into ``--out`` by (variant, seq_len), so several calls fill one file; the
 table (``--out`` with .md) compares each row with full fine-tuning (same attention and Liger
-setting) and with the same variant without Liger, at the same length.
+setting) and with the same variant without Liger, at the same length, and names each row's
+DeepSpeed overrides where they differ from the default (e.g. a partial optimizer offload,
+``--deepspeed ... deepspeed.offload_optimizer_ratio=0.75``, where the host cannot hold it all).
 """
 
 from __future__ import annotations
@@ -135,13 +137,18 @@ def longest(rows: list[dict]) -> list[str]:
     return notes
 
 
+def deepspeed_changes(row: dict) -> str:
+    """The row's DeepSpeed/optimizer overrides that differ from the default ``DEEPSPEED``."""
+    return " ".join(o for o in row.get("deepspeed", DEEPSPEED) if o not in DEEPSPEED) or "default"
+
+
 def table(data: dict) -> str:
     header = ["seq_len", "variant", "status", "tok/s", "peak GB", "density", "trainable M",
-              "loss", "mem vs full", "mem vs no Liger", "tok/s vs no Liger"]
+              "loss", "mem vs full", "mem vs no Liger", "tok/s vs no Liger", "DeepSpeed"]
     order = list(VARIANTS)
     rows = [[r["seq_len"], r["variant"], r["status"], r.get("tokens_per_s"), r.get("peak_mem_gb"),
              r.get("density"), r.get("trainable_m"), r.get("loss"), r.get("mem_vs_full"),
-             r.get("mem_vs_no_liger"), r.get("tok_s_vs_no_liger")]
+             r.get("mem_vs_no_liger"), r.get("tok_s_vs_no_liger"), deepspeed_changes(r)]
             for r in sorted(data["rows"], key=lambda r: (r["seq_len"], order.index(r["variant"])))]
     return "\n".join([markdown_table(header, rows), "", *longest(data["rows"])])
 
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
                             left, args.jobs)
         for v, run in zip(todo, runs):
             row = result_row(args, v, n, run)
-            row.update(device=data["device"], commit=data["commit"])  # merged files span calls
+            # merged files span calls: each row names its machine, commit and DeepSpeed setup
+            row.update(device=data["device"], commit=data["commit"], deepspeed=args.deepspeed)
             rows[v, n] = row
             if row["status"] in ("oom", "error", "timeout"):
                 failed.add(v)

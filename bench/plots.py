@@ -12,6 +12,9 @@
 (d) ``accuracy_vs_density.png``: retrieval accuracy vs density (accuracy stages B and C).
 (e) ``code_accuracy.png``: the stage protocol on natural text (bench/code_accuracy.py): stage A's
     held-out loss curve, stage B's density and loss vs threshold, stage C's loss by position.
+(f) ``lora_accuracy.png``: retrieval accuracy vs step while fine-tuning at the longer length, full
+    fine-tuning vs LoRA, one panel per attention (stage C of ``lora_accuracy*.json``: bench/accuracy.py
+    with ``--peft none lora`` and ``--extra trainer.eval_every=K``).
 Figures whose inputs are missing are skipped with a message.
 """
 
@@ -28,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 FIGURES = ("attention_map", "density_vs_length", "throughput_vs_length", "accuracy_vs_density",
-           "code_accuracy", "packing_throughput")
+           "code_accuracy", "packing_throughput", "lora_accuracy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,6 +190,34 @@ def accuracy_vs_density(args: argparse.Namespace, out: Path) -> None:
     ax.set_ylabel("passkey retrieval accuracy")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def lora_accuracy(args: argparse.Namespace, out: Path) -> None:
+    """Retrieval curves of full fine-tuning (solid) vs LoRA (dashed) per attention, every seed and
+    run length of the stage C results in ``lora_accuracy*.json``."""
+    runs = []  # (file stem, planned steps, eval length, row)
+    for path in sorted(args.results.glob("lora_accuracy*.json")):
+        c = _load(path).get("C", {})
+        n = max(c.get("eval_lens", [0]))
+        runs += [(path.stem, c["settings"]["steps_c"], n, r) for r in c.get("rows", [])
+                 if r.get("status") == "ok" and r.get("curve")]
+    if not runs:
+        raise FileNotFoundError("no stage C curves in lora_accuracy*.json")
+    names = list(dict.fromkeys(r["name"] for *_, r in runs))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True,
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, (stem, steps, n, r) in enumerate(x for x in runs if x[3]["name"] == name):
+            lora = r.get("peft") == "lora"
+            ax.plot(*zip(*r["curve"]), "--" if lora else "-", marker="o", ms=3,
+                    label=f"{'LoRA' if lora else 'full'}, seed {r.get('seed', 0)}, "
+                          f"{r['steps']}/{steps} steps ({stem})")
+        ax.set_title(f"{name}: retrieval at {n}", fontsize=9)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("passkey retrieval accuracy")
     _save(fig, out)
 
 

@@ -64,11 +64,12 @@ def test_throughput_accuracy_and_plots(tmp_path):
     saved = json.loads((results / "accuracy.json").read_text())
     assert set(saved) == {"A", "B", "C"} and len(saved["C"]["rows"]) == 5
 
+    (results / "lora_accuracy.json").write_text((results / "accuracy.json").read_text())
     made = plots.main(["--results", str(results), "--figures", str(tmp_path / "fig"),
                        "--only", "density_vs_length", "throughput_vs_length",
-                       "accuracy_vs_density"])
+                       "accuracy_vs_density", "lora_accuracy"])
     assert [p.name for p in made] == ["density_vs_length.png", "throughput_vs_length.png",
-                                      "accuracy_vs_density.png"]
+                                      "accuracy_vs_density.png", "lora_accuracy.png"]
 
 
 def test_peft_memory_table(tmp_path):
@@ -89,8 +90,10 @@ def test_peft_memory_table(tmp_path):
     assert rows["lora_pbs"]["mem_vs_full"] > 0 and rows["lora_pbs_liger"]["mem_vs_no_liger"] > 0
     assert rows["lora_pbs_liger"]["loss"] == "chunked"  # CPU: Liger skipped
     assert not rows["lora_pbs_liger"]["liger_kernels"]
+    assert rows["full_pbs"]["deepspeed"] == ["deepspeed=zero0", "optim=adamw"]
     table = out.with_suffix(".md").read_text()
     assert table.startswith("| seq_len |") and "lora_pbs_liger: longest ok 256" in table
+    assert table.count("| deepspeed=zero0 optim=adamw |") == 3  # differs from the default
 
 
 def test_memory_peak_replays_allocations_and_names_their_sites(tmp_path):
