@@ -8,31 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 
 import peft
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.trainer_utils import ROOT, TINY, check, losses, run_dirs, run_job, save_base_model
+from tests.trainer_utils import (TINY, check, compose_config, losses, run_dirs, run_job,
+                                 save_base_model)
 from trainer.adapters import apply_peft, check_peft, trainable_summary
 from trainer.attention import AttentionConfig
-from trainer.config import register_configs
 from trainer.liger import apply_liger, fused_loss_blocker
 from trainer.model import CausalLMWithChunkedLoss, architecture_config, build_model
 
 TINY_ARCH = [o for o in TINY if o.startswith("model.")]
-
-
-def _cfg(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def _tiny_lm(cfg, vocab: int = 50):
@@ -43,7 +37,7 @@ def _tiny_lm(cfg, vocab: int = 50):
 
 
 def _peft_error(overrides: list[str], arch: list[str] = TINY_ARCH) -> str:
-    cfg = _cfg([*arch, *overrides])
+    cfg = compose_config([*arch, *overrides])
     with pytest.raises(ValueError) as err:
         check_peft(cfg, architecture_config(cfg.model, 50, 256))
     return str(err.value)
@@ -53,11 +47,11 @@ def _peft_error(overrides: list[str], arch: list[str] = TINY_ARCH) -> str:
 
 
 def test_peft_group_and_bad_input_fail_before_training(tmp_path):
-    cfg = _cfg(["peft=lora"])
+    cfg = compose_config(["peft=lora"])
     assert (cfg.peft.method, cfg.peft.r, cfg.peft.alpha) == ("lora", 8, 16.0)
     assert list(cfg.peft.target_modules) == ["all-linear"]
     assert list(cfg.peft.trainable_extra) == ["embed_tokens", "norm"]
-    assert _cfg([]).peft.method == "none" and _cfg([]).model.liger is False
+    assert compose_config([]).peft.method == "none" and compose_config([]).model.liger is False
 
     assert "peft.r (the LoRA rank) must be >= 1, got 0" in _peft_error(["peft=lora", "peft.r=0"])
     assert "peft.alpha must be > 0" in _peft_error(["peft=lora", "peft.alpha=0"])
@@ -72,7 +66,7 @@ def test_peft_group_and_bad_input_fail_before_training(tmp_path):
     # An adapter saved from another architecture (hidden 32, 3 layers): refused, naming why.
     other = {"model.hidden_size": "32", "model.num_layers": "3", "model.head_dim": "8"}
     arch = [o for o in TINY_ARCH if o.split("=")[0] not in other]
-    _tiny_lm(_cfg([*arch, *(f"{k}={v}" for k, v in other.items()), "peft=lora"])).save_pretrained(
+    _tiny_lm(compose_config([*arch, *(f"{k}={v}" for k, v in other.items()), "peft=lora"])).save_pretrained(
         tmp_path / "other")
     msg = _peft_error(["peft=lora", f"model.adapter_path={tmp_path / 'other'}"])
     assert "belongs to another architecture than this model (LlamaForCausalLM, 2 layers, " \
@@ -142,6 +136,24 @@ def test_lora_trains_only_adapter_and_extra_and_learns(lora_run):
             assert value.abs().max() > 0, key  # peft starts B at zero
 
 
+def test_lora_under_bf16_zero3_partial_optimizer_offload_with_cpu_adam(tmp_path):
+    """LoRA, bf16, ZeRO-3 with parameters and optimizer offloaded, DeepSpeed's CPU Adam and
+    ``deepspeed.offload_optimizer_ratio=0.5`` (DeepSpeed's partial offload; on a CPU both shares
+    live in host memory): the job runs, logs its host-memory estimate, and its loss falls."""
+    base = save_base_model(tmp_path / "base", TINY_ARCH)
+    out = tmp_path / "out"
+    log = check(run_job([*TINY, f"model.path={base}", "peft=lora", "deepspeed=zero3_offload",
+                         "optim=cpu_adam", "deepspeed.offload_optimizer_ratio=0.5",
+                         "deepspeed.bf16=true", "optim.lr=3e-2", "trainer.max_steps=8",
+                         "trainer.eval_every=0", "data.eval_samples=0", "trainer.save_final=false",
+                         "trainer.export_hf=false", f"trainer.output_dir={out}"], tmp_path,
+                        timeout=600))
+    assert "ZeRO offload: about" in log
+    (run,) = run_dirs(out)
+    steps = losses(run)
+    assert all(math.isfinite(v) for v in steps.values()) and steps[8] < steps[1], steps
+
+
 def test_lora_exports_load_in_peft_and_transformers_with_equal_logits(lora_run):
     base, run, _ = lora_run
     merged = AutoModelForCausalLM.from_pretrained(run / "hf")
@@ -180,7 +192,7 @@ def test_merged_model_with_tied_embeddings(tmp_path):
     peft keeps them tied, and the merged model computes what the trained LoRA model does."""
     from trainer.adapters import merged_model
 
-    lm = _tiny_lm(_cfg([*TINY_ARCH, "peft=lora", "model.tie_word_embeddings=true"]))
+    lm = _tiny_lm(compose_config([*TINY_ARCH, "peft=lora", "model.tie_word_embeddings=true"]))
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if p.requires_grad:  # as if trained: LoRA B and the trained copies move
@@ -236,7 +248,7 @@ def test_zero3_two_ranks_lora_resumes_and_merged_export_matches(tmp_path):
         if ".lora_" not in key and ".modules_to_save." not in key:
             name = key.removeprefix("base_model.model.").replace(".base_layer", "")
             assert torch.equal(value, initial[name.replace(".original_module", "")]), key
-    cfg = _cfg([*TINY_ARCH, "peft=lora"])
+    cfg = compose_config([*TINY_ARCH, "peft=lora"])
     with open_dict(cfg):
         cfg.model.path = str(base)
     trained = apply_peft(AutoModelForCausalLM.from_pretrained(base), cfg)
@@ -284,7 +296,7 @@ def restore_llama_module(monkeypatch):
 
 
 def test_liger_on_cpu_warns_and_changes_nothing(caplog):
-    lm = _tiny_lm(_cfg([*TINY_ARCH, "peft=lora"]))
+    lm = _tiny_lm(compose_config([*TINY_ARCH, "peft=lora"]))
     forwards = [m.forward for m in lm.modules()]
     with caplog.at_level(logging.WARNING, logger="trainer"):
         assert apply_liger(lm, True, torch.device("cpu")) is None
@@ -303,7 +315,7 @@ def test_liger_patches_lora_model_and_fused_loss_equals_chunked(restore_llama_mo
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
     hf_rope, rms_norm = restore_llama_module.apply_rotary_pos_emb, restore_llama_module.LlamaRMSNorm
-    lm = _tiny_lm(_cfg([*TINY_ARCH, "peft=lora", "model.rms_norm_eps=1e-3"]))
+    lm = _tiny_lm(compose_config([*TINY_ARCH, "peft=lora", "model.rms_norm_eps=1e-3"]))
     with caplog.at_level(logging.INFO, logger="trainer"):
         fused = apply_liger(lm, True, torch.device("cuda"))  # device type only: nothing moves
     assert "Liger's llama kernels patched in (RMSNorm, SwiGLU, RoPE)" in caplog.text
@@ -361,7 +373,7 @@ def test_fused_loss_reads_the_head_under_zero3(tmp_path, monkeypatch):
 
 
 def test_fused_loss_skipped_where_it_does_not_apply(restore_llama_module, caplog):
-    lm = _tiny_lm(_cfg([*TINY_ARCH, "peft=lora", "peft.target_modules=[q_proj,lm_head]"]))
+    lm = _tiny_lm(compose_config([*TINY_ARCH, "peft=lora", "peft.target_modules=[q_proj,lm_head]"]))
     with caplog.at_level(logging.WARNING, logger="trainer"):
         assert apply_liger(lm, True, torch.device("cuda")) is None
     assert "fused linear cross-entropy skipped (the LM head carries a LoRA adapter)" in caplog.text
@@ -370,12 +382,12 @@ def test_fused_loss_skipped_where_it_does_not_apply(restore_llama_module, caplog
 
 
 def test_trainable_summary_counts_what_trains():
-    lm = _tiny_lm(_cfg([*TINY_ARCH, "peft=lora", "peft.trainable_extra=[]"]))
+    lm = _tiny_lm(compose_config([*TINY_ARCH, "peft=lora", "peft.trainable_extra=[]"]))
     lora = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n)
     assert all(p.requires_grad == ("lora_" in n) for n, p in lm.named_parameters())
     assert trainable_summary(lm).startswith(f"{lora / 1e6:.2f}M of ")
     assert "in full nothing: 0.00M" in trainable_summary(lm)
-    full = _tiny_lm(_cfg(TINY_ARCH))
+    full = _tiny_lm(compose_config(TINY_ARCH))
     assert trainable_summary(full).endswith("(100.00%, full fine-tuning)")
 
 
@@ -384,7 +396,7 @@ def test_gpu_liger_model_matches_plain(restore_llama_module):
     """On CUDA: the Liger-patched LoRA model gives the plain model's loss and gradients (fp32):
     Liger's RMSNorm and SwiGLU (which only run here) and its fused loss. Liger patches RoPE for
     the whole Llama module, so both models use its RoPE (compared with transformers' on CPU)."""
-    cfg = _cfg([*TINY_ARCH, "peft=lora"])
+    cfg = compose_config([*TINY_ARCH, "peft=lora"])
     plain, patched = _tiny_lm(cfg).cuda(), _tiny_lm(cfg).cuda()
     fused = apply_liger(patched, True, torch.device("cuda"))
     ids = torch.randint(0, 50, (2, 256), device="cuda")
