@@ -218,9 +218,9 @@ def stage_b(args: argparse.Namespace, model_path: str) -> dict:
 
 def stage_c(args: argparse.Namespace, model_path: str) -> dict:
     """Dense, then PBS with and/or without permutation (``--permute-c``) at each
-    ``--threshold-c``, each with every ``--peft`` and ``--seeds``: same steps and data per seed. Items are full length
-    (``data.min_len=null``): PBS ranks keys by the last block of queries, which right-padded
-    short items would fill with padding."""
+    ``--threshold-c``, each with every ``--peft`` and ``--seeds``: same steps and data per seed.
+    Items are full length (``data.min_len=null``): PBS ranks keys by the last block of queries,
+    which right-padded short items would fill with padding."""
     eval_lens = sorted({args.len_a, args.len_c})
     permutes = tuple(p == "on" for p in dict.fromkeys(args.permute_c))
     variants = [("dense", None, ["attention=sdpa"]), *pbs_variants(args.threshold_c, permutes)]
@@ -240,9 +240,10 @@ def stage_c(args: argparse.Namespace, model_path: str) -> dict:
     rows = []
     for (name, tune, seed), run in zip(keys, run_trainers(jobs, args.runs_dir, args.budget_s,
                                                            args.jobs)):
-        row = (summarize(run, name, eval_lens) if run is not None else
-               {"name": name, "status": "skipped", "error": "budget"})
-        if run is not None:  # retrieval at the longest length per eval (``trainer.eval_every``)
+        if run is None:
+            row = {"name": name, "status": "skipped", "error": "budget"}
+        else:  # with retrieval at the longest length per eval (``trainer.eval_every``)
+            row = summarize(run, name, eval_lens)
             key = f"eval/retrieval_acc/len_{eval_lens[-1]:05d}"
             row["curve"] = [(r["step"], r[key]) for r in run.rows if key in r]
         rows.append({**row, "peft": tune, "seed": seed})

@@ -13,8 +13,8 @@
 (e) ``code_accuracy.png``: the stage protocol on natural text (bench/code_accuracy.py): stage A's
     held-out loss curve, stage B's density and loss vs threshold, stage C's loss by position.
 (f) ``lora_accuracy.png``: retrieval accuracy vs step while fine-tuning at the longer length, full
-    fine-tuning vs LoRA, one panel per attention (stage C of ``lora_accuracy*.json``: bench/accuracy.py
-    with ``--peft none lora`` and ``--extra trainer.eval_every=K``).
+    fine-tuning vs LoRA, one panel per attention (stage C of ``lora_accuracy*.json``:
+    bench/accuracy.py with ``--peft none lora`` and ``--extra trainer.eval_every=K``).
 Figures whose inputs are missing are skipped with a message.
 """
 
@@ -208,7 +208,7 @@ def lora_accuracy(args: argparse.Namespace, out: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True,
                              squeeze=False)
     for ax, name in zip(axes[0], names):
-        for i, (stem, steps, n, r) in enumerate(x for x in runs if x[3]["name"] == name):
+        for stem, steps, n, r in (x for x in runs if x[3]["name"] == name):
             lora = r.get("peft") == "lora"
             ax.plot(*zip(*r["curve"]), "--" if lora else "-", marker="o", ms=3,
                     label=f"{'LoRA' if lora else 'full'}, seed {r.get('seed', 0)}, "

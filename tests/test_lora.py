@@ -66,8 +66,8 @@ def test_peft_group_and_bad_input_fail_before_training(tmp_path):
     # An adapter saved from another architecture (hidden 32, 3 layers): refused, naming why.
     other = {"model.hidden_size": "32", "model.num_layers": "3", "model.head_dim": "8"}
     arch = [o for o in TINY_ARCH if o.split("=")[0] not in other]
-    _tiny_lm(compose_config([*arch, *(f"{k}={v}" for k, v in other.items()), "peft=lora"])).save_pretrained(
-        tmp_path / "other")
+    other_cfg = compose_config([*arch, *(f"{k}={v}" for k, v in other.items()), "peft=lora"])
+    _tiny_lm(other_cfg).save_pretrained(tmp_path / "other")
     msg = _peft_error(["peft=lora", f"model.adapter_path={tmp_path / 'other'}"])
     assert "belongs to another architecture than this model (LlamaForCausalLM, 2 layers, " \
            "hidden 64)" in msg and "of another shape" in msg

@@ -30,8 +30,9 @@ def _build(mcfg: ModelConfig, attn: AttentionConfig, vocab_size: int, max_len: i
 
 
 def test_default_config_and_overrides():
-    cfg = compose_config(["deepspeed=zero3_offload", "attention.threshold=0.5", "data.seq_len=4096",
-                    "model=llama3_8b", "attention.dense_layers=[0,1]", "trainer.max_steps=7"])
+    cfg = compose_config(["deepspeed=zero3_offload", "attention.threshold=0.5",
+                          "data.seq_len=4096", "model=llama3_8b", "attention.dense_layers=[0,1]",
+                          "trainer.max_steps=7"])
     assert cfg.deepspeed.stage == 3 and cfg.deepspeed.offload_param
     assert cfg.attention.threshold == 0.5 and list(cfg.attention.dense_layers) == [0, 1]
     assert cfg.data.seq_len == 4096 and cfg.model.num_layers == 32 and cfg.trainer.max_steps == 7
